@@ -1,0 +1,315 @@
+"""``PruningDataModule``: calibration windows for ``fit``, perplexity windows for ``validate``/``test``.
+
+All the work is done by the pure functions of :mod:`prox24_lightning.data.sources`; this class
+adds the Lightning life cycle:
+
+* ``prepare_data()`` (one process per node) tokenises and fills the on-disk token cache. It assigns
+  no state.
+* ``setup(stage)`` (every process) reads the cached tensors: the calibration windows for ``fit``,
+  the evaluation windows for ``fit``/``validate``/``test``.
+* Loaders are plain ``DataLoader`` objects without shuffling or custom samplers, and yield
+  ``{"input_ids": LongTensor[B, L]}`` on the CPU. The Trainer moves batches to the device.
+
+**Distributed runs.** Lightning replaces the default sampler with a ``DistributedSampler``
+(``shuffle=False``, since the loader does not shuffle), so rank ``r`` of ``W`` gets samples
+``r, r + W, r + 2W, ...``. ``DistributedSampler`` pads the last round by repeating samples when
+the count is not a multiple of ``W``. A repeated calibration sample would bias the statistics
+gathered from it, so ``setup("fit")`` raises unless ``nsamples`` is a multiple of the world
+size. For evaluation sets it only warns: a few repeated windows shift the perplexity slightly.
+Use one process, or ``max_eval_windows`` equal to a multiple of the world size, to get the
+reference numbers exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from prox24_lightning.data.sources import (
+    CalibrationMode,
+    TextSource,
+    calibration_samples,
+    check_seqlen,
+    evaluation_windows,
+    to_source,
+)
+
+__all__ = ["PruningDataModule", "TokenWindows", "default_validation_sources"]
+
+
+def default_validation_sources() -> dict[str, TextSource]:
+    """The dense-model reference sets: WikiText2 test and C4 validation (both from the hub)."""
+    return {"wikitext2": TextSource(name="wikitext2"), "c4": TextSource(name="c4_validation")}
+
+
+class TokenWindows(Dataset):
+    """A ``[N, L]`` token tensor as a map-style dataset of ``{"input_ids": LongTensor[L]}``."""
+
+    def __init__(self, input_ids: Tensor) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(f"expected a [N, L] tensor, got shape {tuple(input_ids.shape)}")
+        self.input_ids = input_ids
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids[index]}
+
+
+class PruningDataModule(L.LightningDataModule):
+    """Calibration and evaluation data for post-training pruning.
+
+    ``train_dataloader()`` yields the calibration windows (no shuffle, deterministic).
+    ``val_dataloader()`` and ``test_dataloader()`` return one loader per evaluation set, in the
+    order of ``val_names``, so the LightningModule can log ``val/<name>_ppl`` for
+    ``dataloader_idx``.
+
+    Example YAML (``prox24 fit --config ...``)::
+
+        data:
+          tokenizer: null               # linked to the model path by the CLI
+          calibration: {name: c4}       # or {name: c4, path: /data/c4-train.00000-of-01024.json.gz}
+          calibration_mode: random_windows
+          nsamples: 128
+          seqlen: 2048
+          validation:
+            wikitext2: {name: wikitext2}
+            c4: {name: c4_validation}
+
+    Args:
+        tokenizer: Hugging Face hub id or local directory of the tokenizer (a path to a ``.gguf``
+            file also works). The CLI links it to the model path. In Python you can call
+            :meth:`set_tokenizer` instead.
+        calibration: Source of the calibration text (default: the first C4 train shard).
+        calibration_mode: ``random_windows`` (Wanda/SparseGPT: a random window from each of
+            ``nsamples`` random documents longer than ``seqlen``) or ``packed`` (the paper's:
+            documents joined with EOS and cut into consecutive windows).
+        nsamples: Number of calibration windows.
+        seqlen: Tokens per calibration window.
+        seed: Seed of ``random_windows`` sampling.
+        validation: Named evaluation sources; the order of the mapping is the order of the
+            loaders and of ``val_names``. ``None`` means WikiText2 test + C4 validation from the
+            hub; ``{}`` means no evaluation sets.
+        eval_seqlen: Tokens per evaluation window (default: ``seqlen``).
+        max_eval_windows: Cap on the windows of each evaluation set (the C4 protocol's default
+            is 256; WikiText2 uses all full windows).
+        batch_size: Calibration windows per batch.
+        eval_batch_size: Evaluation windows per batch.
+        cache_dir: Root of the token cache (default ``$PROX24_CACHE_DIR`` or
+            ``~/.cache/prox24_lightning``).
+        num_workers: ``DataLoader`` worker processes (the data are in-memory tensors, so 0 is
+            usually best).
+        max_positions: The model's maximum sequence length, if known; ``seqlen`` and
+            ``eval_seqlen`` above it raise at construction.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        calibration: TextSource = TextSource(name="c4"),  # noqa: B008 (frozen dataclass)
+        calibration_mode: CalibrationMode = "random_windows",
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        validation: dict[str, TextSource] | None = None,
+        eval_seqlen: int | None = None,
+        max_eval_windows: int | None = None,
+        batch_size: int = 1,
+        eval_batch_size: int = 1,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        max_positions: int | None = None,
+    ) -> None:
+        super().__init__()
+        if calibration_mode not in ("packed", "random_windows"):
+            raise ValueError(
+                f"calibration_mode must be 'packed' or 'random_windows', got {calibration_mode!r}"
+            )
+        for name, value in (
+            ("nsamples", nsamples),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_eval_windows is not None and max_eval_windows < 1:
+            raise ValueError(f"max_eval_windows must be >= 1, got {max_eval_windows}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_seqlen(seqlen, max_positions, what="seqlen")
+        check_seqlen(
+            seqlen if eval_seqlen is None else eval_seqlen, max_positions, what="eval_seqlen"
+        )
+
+        self.tokenizer_name = tokenizer
+        self.calibration = to_source(calibration)
+        self.calibration_mode: CalibrationMode = calibration_mode
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.seed = seed
+        sources = default_validation_sources() if validation is None else validation
+        self.validation: dict[str, TextSource] = {str(k): to_source(v) for k, v in sources.items()}
+        self.eval_seqlen = seqlen if eval_seqlen is None else eval_seqlen
+        self.max_eval_windows = max_eval_windows
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.cache_dir = cache_dir
+        self.num_workers = num_workers
+        self.max_positions = max_positions
+
+        #: Names of the evaluation sets, in loader order (``dataloader_idx`` i is ``val_names[i]``).
+        self.val_names: list[str] = list(self.validation)
+        #: ``[nsamples, seqlen]`` calibration windows after ``setup("fit")``.
+        self.calibration_data: Tensor | None = None
+        #: ``{name: [n_windows, eval_seqlen]}`` after ``setup`` of fit/validate/test.
+        self.eval_data: dict[str, Tensor] = {}
+        self._tokenizer: Any = None
+
+    # ----------------------------------------------------------------------------- tokenizer
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use an already loaded tokenizer object instead of loading ``tokenizer`` by name."""
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer, loaded on first use from ``tokenizer`` unless :meth:`set_tokenizer`."""
+        if self._tokenizer is None:
+            if not self.tokenizer_name:
+                raise ValueError(
+                    "PruningDataModule needs a tokenizer: pass tokenizer=<hub id or directory> "
+                    "(the CLI links it to the model path) or call set_tokenizer()"
+                )
+            self._tokenizer = _load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------------ the life cycle
+
+    def _stage_needs(self, stage: str | None) -> tuple[bool, bool]:
+        """(calibration?, evaluation?) for a Trainer stage; ``None`` means everything."""
+        if stage is None:
+            return True, True
+        stage = str(getattr(stage, "value", stage))
+        if stage == "fit":
+            return True, True
+        if stage in ("validate", "test"):
+            return False, True
+        return False, False
+
+    def _trainer_stage(self) -> str | None:
+        trainer = getattr(self, "trainer", None)
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return None if fn is None else str(getattr(fn, "value", fn))
+
+    def _calibration_tensor(self) -> Tensor:
+        return calibration_samples(
+            self.calibration,
+            self.tokenizer,
+            nsamples=self.nsamples,
+            seqlen=self.seqlen,
+            mode=self.calibration_mode,
+            seed=self.seed,
+            cache_dir=self.cache_dir,
+        )
+
+    def _eval_tensor(self, name: str) -> Tensor:
+        return evaluation_windows(
+            self.validation[name],
+            self.tokenizer,
+            seqlen=self.eval_seqlen,
+            max_windows=self.max_eval_windows,
+            cache_dir=self.cache_dir,
+        )
+
+    def prepare_data(self) -> None:
+        """Tokenise and fill the token cache (only the sets the running Trainer stage needs)."""
+        need_cal, need_eval = self._stage_needs(self._trainer_stage())
+        if need_cal:
+            self._calibration_tensor()
+        if need_eval:
+            for name in self.val_names:
+                self._eval_tensor(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached tensors for ``stage`` (``fit``, ``validate``, ``test`` or ``None``)."""
+        need_cal, need_eval = self._stage_needs(stage)
+        world = self._world_size()
+        if need_cal and self.calibration_data is None:
+            data = self._calibration_tensor()
+            if world > 1 and len(data) % world:
+                raise ValueError(
+                    f"{len(data)} calibration samples do not split evenly over {world} processes; "
+                    "the DistributedSampler would repeat samples and bias the calibration "
+                    f"statistics. Use nsamples divisible by {world}"
+                )
+            self.calibration_data = data
+        if need_eval:
+            for name in self.val_names:
+                if name in self.eval_data:
+                    continue
+                data = self._eval_tensor(name)
+                if world > 1 and len(data) % world:
+                    rank_zero_warn(
+                        f"evaluation set {name!r} has {len(data)} windows, not a multiple of the "
+                        f"{world} processes: the DistributedSampler repeats "
+                        f"{world - len(data) % world} of them, which shifts the perplexity "
+                        "slightly. Set max_eval_windows to a multiple of the world size or "
+                        "evaluate on one process for exact reference numbers"
+                    )
+                self.eval_data[name] = data
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+    # ------------------------------------------------------------------------------ loaders
+
+    def _loader(self, data: Tensor, batch_size: int) -> DataLoader:
+        # No sampler and shuffle=False: Lightning swaps in DistributedSampler(shuffle=False)
+        # under DDP, and single-process order is the tensor's order.
+        return DataLoader(
+            TokenWindows(data),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Calibration batches ``{"input_ids": LongTensor[batch_size, seqlen]}``."""
+        if self.calibration_data is None:
+            raise RuntimeError("call setup('fit') before train_dataloader()")
+        return self._loader(self.calibration_data, self.batch_size)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per evaluation set, in ``val_names`` order."""
+        missing = [n for n in self.val_names if n not in self.eval_data]
+        if missing:
+            raise RuntimeError(
+                f"call setup('validate') first; evaluation sets {missing} not loaded"
+            )
+        return [self._loader(self.eval_data[n], self.eval_batch_size) for n in self.val_names]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The evaluation loaders again (the protocol evaluates on the same sets)."""
+        return self.val_dataloader()
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    path = os.path.expanduser(name)
+    if path.lower().endswith(".gguf") and os.path.isfile(path):
+        # transformers reads GGUF tokenizers from (directory, gguf_file).
+        return AutoTokenizer.from_pretrained(
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
+        )
+    return AutoTokenizer.from_pretrained(path if os.path.exists(path) else name)

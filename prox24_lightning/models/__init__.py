@@ -1,0 +1,41 @@
+"""Hugging Face model plumbing: loading, block discovery, linear layers, input capture."""
+
+from prox24_lightning.models.hf import (
+    PYPI_PREFIX,
+    block_kwargs_to,
+    capture_block_inputs,
+    convert_gguf_to_dir,
+    default_cache_dir,
+    find_blocks,
+    find_linear_layers,
+    get_weight_matrix,
+    in_features,
+    is_conv1d,
+    load_causal_lm,
+    model_max_positions,
+    out_features,
+    resolve_model_path,
+    run_block,
+    set_weight_matrix,
+    smollm2_gguf_path,
+)
+
+__all__ = [
+    "PYPI_PREFIX",
+    "block_kwargs_to",
+    "capture_block_inputs",
+    "convert_gguf_to_dir",
+    "default_cache_dir",
+    "find_blocks",
+    "find_linear_layers",
+    "get_weight_matrix",
+    "in_features",
+    "is_conv1d",
+    "load_causal_lm",
+    "model_max_positions",
+    "out_features",
+    "resolve_model_path",
+    "run_block",
+    "set_weight_matrix",
+    "smollm2_gguf_path",
+]
