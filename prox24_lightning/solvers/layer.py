@@ -1,16 +1,17 @@
-"""One entry point per layer: :func:`prune_weight`.
+"""One entry point per layer, :func:`prune_weight`, and the :class:`LayerSolve` behind it.
 
 ``prune_weight(weight, gram, method)`` normalises the problem (paper.md §4.1), runs the chosen
-method, optionally refines the kept weights on the fixed mask ("+GD"), maps back to the original
-coordinates and returns an exactly 2:4 weight in the input dtype. The Lightning pipeline and
-outside scripts call exactly this.
+method through the :class:`~prox24_lightning.optim.Prox24` optimizer, optionally refines the kept
+weights on the fixed mask ("+GD"), maps back to the original coordinates and returns an exactly
+2:4 weight in the input dtype. The Lightning pipeline drives the same :class:`LayerSolve` objects
+through its own (Lightning-wrapped) optimizer, so both paths compute the same thing.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -21,22 +22,65 @@ from ..ops.masks import apply_mask, is_2of4
 from ..optim.prox24 import LocalProblem, Prox24
 from .baselines import magnitude_prune, sparsegpt_prune, wanda_prune
 
-__all__ = ["METHODS", "PruneResult", "PruneStats", "prune_weight", "RECIPES"]
+__all__ = [
+    "METHODS",
+    "RECIPES",
+    "LayerSolve",
+    "PruneResult",
+    "PruneStats",
+    "SolverConfig",
+    "prune_weight",
+]
 
 Method = Literal["magnitude", "wanda", "sparsegpt", "prox"]
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "prox")
 
-#: Named solver settings. ``paper`` is the recipe of Kübler et al.; ``fast`` reaches the same or a
-#: lower local loss with far fewer GEMMs (conjugate gradients on the fixed support).
-RECIPES: dict[str, dict[str, Any]] = {
-    "paper": dict(lambda0=0.01, beta=1.01, refine="gd", refine_steps=1000),
-    "fast": dict(lambda0=0.01, beta=1.01, momentum=0.9, refine="cg", refine_steps=50),
+
+@dataclass
+class SolverConfig:
+    """Hyper-parameters of the layer solvers (all in the normalised coordinates).
+
+    Attributes:
+        refine_steps: masked refinement iterations after the method; ``None`` means the method's
+            default (1000 for prox, 0 for the baselines). ``> 0`` after a baseline is its "+GD".
+        refine: ``"gd"`` (the paper's masked gradient, step ``1/L``) or ``"cg"`` (conjugate
+            gradients on the fixed support: same limit, the per-row refit, in far fewer GEMMs).
+        lambda0: first lambda of the prox schedule (paper: 0.01; 1e-3 for 70B).
+        beta: geometric growth of lambda per prox iteration (paper: 1.01; 1.005 for 70B).
+        momentum: extrapolation in the prox phase; 0 is the paper's plain proximal gradient.
+        max_prox_steps: cap on prox iterations (then forced to 2:4 by magnitude, reported).
+        sparsegpt_blocksize: SparseGPT's lazy-update block size (multiple of 4).
+        sparsegpt_dampening: SparseGPT's dampening relative to the (unit) diagonal.
+    """
+
+    refine_steps: int | None = None
+    refine: Literal["gd", "cg"] = "gd"
+    lambda0: float = 0.01
+    beta: float = 1.01
+    momentum: float = 0.0
+    max_prox_steps: int = 20000
+    sparsegpt_blocksize: int = 128
+    sparsegpt_dampening: float = 0.01
+
+    def steps_for(self, method: str) -> int:
+        if self.refine_steps is not None:
+            return int(self.refine_steps)
+        return 1000 if method == "prox" else 0
+
+
+#: Named solver settings. ``paper`` is the recipe of Kübler et al. (plain proximal gradient,
+#: 1000 masked-gradient steps); ``fast`` adds momentum to the prox phase and refines with
+#: conjugate gradients: the same or lower local loss with several times fewer GEMMs
+#: (``tools/bench_solver.py``).
+RECIPES: dict[str, SolverConfig] = {
+    "paper": SolverConfig(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000),
+    "fast": SolverConfig(lambda0=0.01, beta=1.01, momentum=0.9, refine="cg", refine_steps=50),
 }
 
 
 @dataclass
 class PruneStats:
-    """What happened to one layer (all losses are ``tr((W-Ŵ)H(W-Ŵ)ᵀ)`` with the given Gram)."""
+    """What happened to one layer. Losses are ``tr((W-Ŵ)H(W-Ŵ)ᵀ)`` for the given Gram ``H``."""
 
     method: str
     refine_steps: int
@@ -45,7 +89,7 @@ class PruneStats:
     forced_2of4: bool = False
     loss_method: float = 0.0  # after the method, before refinement
     loss_final: float = 0.0
-    loss_mask_only: float = 0.0  # dense weights with the final mask, no update (reference)
+    loss_mask_only: float = 0.0  # dense weights under the final mask, no update (reference)
     dead_features: int = 0
     gemms: int = 0
     seconds: float = 0.0
@@ -57,15 +101,21 @@ class PruneStats:
 
 @dataclass
 class PruneResult:
-    """Output of :func:`prune_weight`: ``weight`` (input shape and dtype, exactly 2:4, no -0.0),
-    ``mask`` (bool, ``True`` = kept) and ``stats``."""
+    """Output of :func:`prune_weight`.
+
+    Attributes:
+        weight: same shape and dtype as the input, exactly 2:4, pruned entries ``+0.0``.
+        mask: bool, ``True`` = kept; exactly two per group of 4.
+        stats: :class:`PruneStats`.
+    """
 
     weight: Tensor
     mask: Tensor
     stats: PruneStats
 
 
-def _check_inputs(weight: Tensor, gram: Tensor) -> None:
+def check_layer_inputs(weight: Tensor, gram: Tensor) -> None:
+    """Raise a clear error for shapes, indivisible inputs and non-finite values."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be [d_out, d_in], got shape {tuple(weight.shape)}")
     d_in = weight.shape[1]
@@ -73,12 +123,131 @@ def _check_inputs(weight: Tensor, gram: Tensor) -> None:
         raise ValueError(f"input dimension {d_in} is not divisible by 4; 2:4 needs groups of 4")
     if tuple(gram.shape) != (d_in, d_in):
         raise ValueError(
-            f"gram must be [{d_in}, {d_in}] for weight {tuple(weight.shape)}, got {tuple(gram.shape)}"
+            f"gram must be [{d_in}, {d_in}] for weight {tuple(weight.shape)}, "
+            f"got {tuple(gram.shape)}"
         )
     if not bool(torch.isfinite(weight).all()):
         raise FloatingPointError("weight holds NaN or Inf")
     if not bool(torch.isfinite(gram).all()):
-        raise FloatingPointError("Gram matrix holds NaN or Inf")
+        raise FloatingPointError(
+            "Gram matrix holds NaN or Inf (non-finite calibration activations)"
+        )
+
+
+class LayerSolve:
+    """One layer's solve, driven one optimizer step at a time.
+
+    Args:
+        weight: ``[d_out, d_in]`` dense weight (any float dtype).
+        gram: ``[d_in, d_in]`` Gram matrix ``sum_t x_t x_t^T``.
+        method: ``"magnitude" | "wanda" | "sparsegpt" | "prox"``.
+        config: :class:`SolverConfig`.
+    """
+
+    def __init__(self, weight: Tensor, gram: Tensor, method: str, config: SolverConfig) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        check_layer_inputs(weight, gram)
+        if config.sparsegpt_blocksize % 4:
+            raise ValueError("sparsegpt_blocksize must be a multiple of 4")
+        self._start = time.perf_counter()
+        self.method = method
+        self.config = config
+        self.dtype = weight.dtype
+        steps = config.steps_for(method)
+        self.stats = PruneStats(method=method, refine_steps=steps)
+        device = weight.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            h = gram.detach().to(device=device, dtype=torch.float32)
+            self.norm = normalize(h)
+            target = self.norm.to_normalized(weight.detach().to(torch.float32))
+            self.problem = LocalProblem(
+                gram=self.norm.gram, target=target, lipschitz=lipschitz(self.norm.gram)
+            )
+            self.work = target.clone()
+            self._baseline_mask: Tensor | None = None
+            if method == "magnitude":
+                pruned, self._baseline_mask = magnitude_prune(target, self.norm.scale)
+            elif method == "wanda":
+                pruned, self._baseline_mask = wanda_prune(target)
+            elif method == "sparsegpt":
+                pruned, self._baseline_mask = sparsegpt_prune(
+                    target,
+                    self.norm.gram,
+                    blocksize=config.sparsegpt_blocksize,
+                    dampening=config.sparsegpt_dampening,
+                )
+            if self._baseline_mask is not None:
+                self.work.copy_(pruned)
+        self.stats.dead_features = self.norm.n_dead
+        self.stats.extra["lipschitz"] = self.problem.lipschitz
+        self._method_done = False
+
+    def param_group(self, name: str) -> dict[str, Any]:
+        """A param group for :class:`Prox24` holding this layer's working weight."""
+        c = self.config
+        return dict(
+            params=[self.work],
+            name=name,
+            lambda0=c.lambda0,
+            beta=c.beta,
+            momentum=c.momentum,
+            refine=c.refine,
+            refine_steps=self.stats.refine_steps,
+            max_prox_steps=c.max_prox_steps,
+        )
+
+    def attach(self, optimizer: Prox24) -> None:
+        """Call once the param group is in ``optimizer``: baselines go straight to refinement."""
+        if self._baseline_mask is not None:
+            optimizer.start_refinement(self.work, self.problem, self._baseline_mask)
+            self._record_method(optimizer)
+
+    def observe(self, optimizer: Prox24) -> None:
+        """Call after every step: records the loss when the method's own phase ends."""
+        if not self._method_done and optimizer.phase(self.work) != "prox":
+            self._record_method(optimizer)
+
+    def _record_method(self, optimizer: Prox24) -> None:
+        st = optimizer.state[self.work]
+        assert self.problem.mask is not None
+        self.stats.iterations_to_2of4 = st["prox_steps"]
+        self.stats.final_lambda = st["lam"]
+        self.stats.forced_2of4 = bool(st["forced"])
+        self.stats.loss_method = self.problem.loss(self.work)
+        self.stats.loss_mask_only = self.problem.loss(
+            apply_mask(self.problem.target, self.problem.mask)
+        )
+        self._method_done = True
+
+    def done(self, optimizer: Prox24) -> bool:
+        return optimizer.phase(self.work) == "done"
+
+    def result(self, optimizer: Prox24) -> PruneResult:
+        """Finish: final loss, back to original coordinates and dtype, exact 2:4 checked."""
+        st = optimizer.state[self.work]
+        self.observe(optimizer)
+        mask = self.problem.mask
+        assert mask is not None
+        with torch.autocast(device_type=self.work.device.type, enabled=False):
+            self.stats.loss_final = self.problem.loss(self.work)
+            final = apply_mask(self.norm.from_normalized(self.work), mask).to(self.dtype)
+            # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
+            final = apply_mask(final, mask)
+        self.stats.gemms = st["prox_steps"] + st["refine_done"]
+        if not is_2of4(final):  # pragma: no cover - guaranteed by construction
+            raise AssertionError("internal error: result is not 2:4")
+        self.stats.seconds = time.perf_counter() - self._start
+        return PruneResult(weight=final, mask=mask, stats=self.stats)
+
+    def progress(self, optimizer: Prox24) -> dict[str, Any]:
+        st = optimizer.state[self.work]
+        return {
+            "phase": st["phase"],
+            "iteration": st["prox_steps"] + st["refine_done"],
+            "lambda": st["lam"],
+            "frac_2of4": st["frac_2of4"],
+        }
 
 
 @torch.no_grad()
@@ -88,109 +257,38 @@ def prune_weight(
     method: Method | str = "prox",
     *,
     refine_steps: int | None = None,
-    refine: Literal["gd", "cg"] = "gd",
-    lambda0: float = 0.01,
-    beta: float = 1.01,
-    max_prox_steps: int = 20000,
-    momentum: float = 0.0,
-    sparsegpt_blocksize: int = 128,
-    sparsegpt_dampening: float = 0.01,
+    config: SolverConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_every: int = 50,
+    **hparams: Any,
 ) -> PruneResult:
-    """Prune one linear layer to 2:4 on its local squared loss.
+    """Prune one linear layer to 2:4 on its local squared loss ``tr((W-Ŵ)H(W-Ŵ)ᵀ)``.
 
     Args:
         weight: ``[d_out, d_in]`` weight (any float dtype; ``d_in`` divisible by 4).
         gram: ``[d_in, d_in]`` Gram matrix ``sum_t x_t x_t^T`` of the calibration inputs.
         method: ``"magnitude" | "wanda" | "sparsegpt" | "prox"``.
-        refine_steps: masked refinement iterations after the method; ``None`` means the method's
-            default (1000 for prox, 0 for the baselines). ``> 0`` after a baseline is its "+GD".
-        refine: ``"gd"`` (the paper's masked gradient, step ``1/L``) or ``"cg"`` (conjugate
-            gradients on the fixed support; same limit, fewer GEMMs).
-        lambda0: first lambda of the prox schedule (normalised coordinates).
-        beta: geometric growth of lambda per prox iteration.
-        max_prox_steps: cap on prox iterations (then forced to 2:4 by magnitude, reported).
-        momentum: extrapolation in the prox phase (0 = the paper's plain proximal gradient).
-        sparsegpt_blocksize: SparseGPT's lazy-update block size (multiple of 4).
-        sparsegpt_dampening: SparseGPT's dampening relative to the (unit) diagonal.
-        progress: optional callback receiving ``{"iteration", "phase", "lambda", "frac_2of4"}``.
+        refine_steps: masked refinement iterations; ``None`` = the method's default (1000 for
+            prox, 0 for the baselines).
+        config: a :class:`SolverConfig` (e.g. ``RECIPES["fast"]``); ``hparams`` override its
+            fields (``lambda0``, ``beta``, ``momentum``, ``refine``, ...).
+        progress: optional callback receiving ``{"phase", "iteration", "lambda", "frac_2of4"}``.
         progress_every: call ``progress`` every this many iterations.
 
     Returns:
-        :class:`PruneResult`.
+        :class:`PruneResult` with ``.weight``, ``.mask`` and ``.stats``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    _check_inputs(weight, gram)
-    if sparsegpt_blocksize % 4:
-        raise ValueError("sparsegpt_blocksize must be a multiple of 4")
-    start = time.perf_counter()
-    steps = (1000 if method == "prox" else 0) if refine_steps is None else int(refine_steps)
-    stats = PruneStats(method=method, refine_steps=steps)
-
-    device = weight.device
-    w0 = weight.detach().to(torch.float32)
-    h = gram.detach().to(device=device, dtype=torch.float32)
-    # Solver math is fp32 whatever autocast or the model dtype says.
-    with torch.autocast(device_type=device.type, enabled=False):
-        norm = normalize(h)
-        stats.dead_features = norm.n_dead
-        target = norm.to_normalized(w0)
-        problem = LocalProblem(gram=norm.gram, target=target, lipschitz=lipschitz(norm.gram))
-        stats.extra["lipschitz"] = problem.lipschitz
-
-        work = target.clone()
-        opt = Prox24(
-            [work],
-            lambda0=lambda0,
-            beta=beta,
-            refine_steps=steps,
-            refine=refine,
-            max_prox_steps=max_prox_steps,
-            momentum=momentum,
-        )
-        if method == "prox":
-            while opt.phase(work) == "prox":
-                opt.step(problems=problem)
-                st = opt.state[work]
-                if progress is not None and st["prox_steps"] % progress_every == 0:
-                    progress(dict(iteration=st["prox_steps"], phase="prox", **_progress_info(st)))
-            st = opt.state[work]
-            stats.iterations_to_2of4 = st["prox_steps"]
-            stats.final_lambda = st["lam"]
-            stats.forced_2of4 = bool(st["forced"])
-            stats.gemms += st["prox_steps"]
-        else:
-            if method == "magnitude":
-                pruned, mask = magnitude_prune(target, norm.scale)
-            elif method == "wanda":
-                pruned, mask = wanda_prune(target)
-            else:
-                pruned, mask = sparsegpt_prune(
-                    target, norm.gram, blocksize=sparsegpt_blocksize, dampening=sparsegpt_dampening
-                )
-            work.copy_(pruned)
-            opt.start_refinement(work, problem, mask)
-        assert problem.mask is not None
-        stats.loss_method = problem.loss(work)
-        stats.loss_mask_only = problem.loss(apply_mask(target, problem.mask))
-        while opt.phase(work) == "refine":
-            opt.step(problems=problem)
-            st = opt.state[work]
-            if progress is not None and st["refine_done"] % progress_every == 0:
-                progress(dict(iteration=st["refine_done"], phase="refine", **_progress_info(st)))
-        stats.gemms += opt.state[work]["refine_done"]
-        stats.loss_final = problem.loss(work)
-        mask = problem.mask
-        final = apply_mask(norm.from_normalized(work), mask).to(weight.dtype)
-        # The cast can flush tiny kept weights to zero (fine) but never leaves -0.0 behind.
-        final = apply_mask(final, mask)
-    if not is_2of4(final):  # pragma: no cover - guarded by construction
-        raise AssertionError("internal error: result is not 2:4")
-    stats.seconds = time.perf_counter() - start
-    return PruneResult(weight=final, mask=mask, stats=stats)
-
-
-def _progress_info(st: dict[str, Any]) -> dict[str, Any]:
-    return {"lambda": st["lam"], "frac_2of4": st["frac_2of4"]}
+    cfg = replace(config or SolverConfig(), **hparams)
+    if refine_steps is not None:
+        cfg = replace(cfg, refine_steps=refine_steps)
+    solve = LayerSolve(weight, gram, method, cfg)
+    optimizer = Prox24([solve.param_group("layer")])
+    solve.attach(optimizer)
+    it = 0
+    while not solve.done(optimizer):
+        optimizer.step(problems={"layer": solve.problem})
+        solve.observe(optimizer)
+        it += 1
+        if progress is not None and it % progress_every == 0:
+            progress(solve.progress(optimizer))
+    return solve.result(optimizer)

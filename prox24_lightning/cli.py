@@ -1,0 +1,110 @@
+"""``prox24``: the command line, a LightningCLI with ``fit``, ``validate``, ``test`` and ``check``.
+
+    prox24 fit --config configs/demo.yaml
+    prox24 validate --config configs/demo.yaml        # the same model, unpruned
+    prox24 check outputs/demo/export                  # verify an export is exactly 2:4
+
+The method is chosen with ``model.init_args.method`` (``prox``, ``wanda``, ``sparsegpt``,
+``magnitude``); everything else is in the YAML files of ``configs/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from .artifacts import check_export
+from .callbacks import ExportPruned
+from .data.datamodule import PruningDataModule
+
+__all__ = ["Prox24CLI", "main"]
+
+
+class Prox24CLI(LightningCLI):
+    """LightningCLI with an ``--evaluate`` switch that scores the model before/after fit."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--evaluate",
+            type=str,
+            default="after",
+            choices=["none", "before", "after", "both"],
+            help="fit only: perplexity of the dense model before and/or the pruned one after",
+        )
+
+    def _evaluate(self, label: str) -> dict[str, float]:
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        metrics = {k: float(v) for r in results for k, v in r.items()}
+        rank_zero_info(f"{label} perplexity: {metrics}")
+        self._metrics[label] = metrics
+        return metrics
+
+    def before_fit(self) -> None:
+        self._metrics: dict[str, dict[str, float]] = {}
+        mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
+        ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
+        if mode in ("before", "both") and ckpt is None:
+            self._evaluate("dense")
+
+    def after_fit(self) -> None:
+        mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
+        if mode in ("after", "both"):
+            self._evaluate("pruned")
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ExportPruned) and self.trainer.is_global_zero:
+                cb.update_report(perplexity=self._metrics)
+        if self._metrics and self.trainer.is_global_zero:
+            print(format_perplexities(self._metrics))
+
+
+def format_perplexities(metrics: dict[str, dict[str, float]]) -> str:
+    names = sorted({k for m in metrics.values() for k in m})
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, m in metrics.items():
+        lines.append(
+            f"| {label} | " + " | ".join(f"{m.get(n, float('nan')):.3f}" for n in names) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _check_main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(
+            "usage: prox24 check EXPORT_DIR\n\nVerify that every layer in masks.safetensors is "
+            "exactly 2:4 in the saved weights, agrees with its mask, and has no -0.0/NaN/Inf."
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    result = check_export(argv[0])
+    print(result.verdict())
+    return 0 if result.ok else 1
+
+
+def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
+    """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``."""
+    from .pruner import BlockwisePruner
+
+    return Prox24CLI(
+        BlockwisePruner,
+        PruningDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        parser_kwargs={"description": "2:4 pruning of causal LMs (Kübler et al., TMLR 2025)"},
+        **kwargs,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``prox24``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "check":
+        raise SystemExit(_check_main(argv[1:]))
+    cli_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Smoke tests of the scripts in ``tools/`` (toy experiment and benchmarks) on tiny sizes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The tools are scripts, not a package: they import their helpers as ``_common`` from their own
+# folder, so that folder goes on the path exactly as when they run as ``python tools/x.py``.
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import bench_ops  # noqa: E402
+import toy_experiment as toy  # noqa: E402
+from _common import markdown_table, round_to_multiple  # noqa: E402
+
+from prox24_lightning.ops import local_loss  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: threads only add contention on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_all_masks_enumerates_every_2of4_mask_once():
+    masks = toy.all_masks()
+    assert masks.shape == (6**4, 16)
+    assert bool((masks.view(-1, 4, 4).sum(-1) == 2).all())
+    assert len({tuple(m.tolist()) for m in masks}) == 6**4
+    # mask_index is the inverse of the enumeration order.
+    assert torch.equal(toy.mask_index(masks), torch.arange(6**4))
+
+
+def test_refit_losses_match_explicit_refit():
+    """The batched Schur-complement losses equal the loss of explicitly refitted weights, and the
+    refit is the minimum over weights on that mask (its masked gradient vanishes)."""
+    w, h = toy.make_problem(rows=3, samples=64, seed=1)
+    masks = toy.all_masks()
+    table = toy.refit_losses(w, h, masks)
+    pick = torch.tensor([0, 517, 1295])
+    refit = toy.refit_weights(w, h, masks[pick])
+    for r in range(3):
+        d = refit[r] - w[r]
+        assert table[r, pick[r]].item() == pytest.approx(float(d @ h @ d), rel=1e-9)
+        # The library's fp32 loss agrees to single precision.
+        expected = local_loss(refit[r : r + 1], w[r : r + 1], h)
+        assert table[r, pick[r]].item() == pytest.approx(expected, rel=1e-5)
+        grad = (refit[r] - w[r]) @ h
+        assert float(grad[masks[pick[r]]].abs().max()) < 1e-8 * float(grad.abs().max() + 1)
+
+
+def test_run_toy_table_and_oracle():
+    res = toy.run_toy(rows=4, samples=64, seed=0)
+    opt = torch.tensor(res["optimal_loss"])
+    assert set(res["methods"]) == set(toy.METHOD_SPECS)
+    for name, m in res["methods"].items():
+        assert m["rows"] == 4 and 0 <= m["hits"] <= 4
+        for key in ("mean_excess_refit_pct", "mean_excess_raw_pct", "mean_excess_refined_pct"):
+            assert isinstance(m[key], float)
+        # Oracle: the enumerated optimum is <= the refit on any mask, which is <= any weights
+        # on that mask (small slack for the fp32 solver runs).
+        refit = torch.tensor(m["refit_loss"])
+        assert bool((opt <= refit * (1 + 1e-9)).all()), name
+        for key in ("raw_loss", "refined_loss"):
+            assert bool((refit <= torch.tensor(m[key]) * (1 + 1e-4) + 1e-6).all()), (name, key)
+        assert m["hits"] == sum(m["hit"])
+    table = toy.format_table(res)
+    assert table.count("\n") == len(toy.METHOD_SPECS) + 1
+    assert "prox (paper)" in table
+
+
+def test_toy_cli_writes_plot(tmp_path, capsys):
+    out = tmp_path / "sub" / "toy.png"
+    toy.main(
+        ["--rows", "2", "--samples", "48", "--seed", "0", "1", "--out", str(out)]
+        + ["--methods", "wanda", "prox (fast recipe)"]
+    )
+    assert out.exists() and out.stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert "all seeds pooled" in text and "| wanda" in text
+
+
+def test_common_helpers():
+    assert round_to_multiple(4096 / 8) == 512
+    assert round_to_multiple(11008 / 8) == 1376
+    assert round_to_multiple(1.0) == 4
+    table = markdown_table(["a", "b"], [[1, "xy"]])
+    assert table.splitlines()[0] == "| a | b  |"
+
+
+def test_tau_for_fraction_hits_target():
+    z = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    tau, frac = bench_ops.tau_for_fraction(z, 0.5, iters=14)
+    assert tau > 0 and abs(frac - 0.5) < 0.1
+
+
+def test_capture_alg2_inputs_reaches_targets():
+    caps = bench_ops.capture_alg2_inputs(8, 32, seed=0, targets=(0.5, 0.9))
+    assert [c["target"] for c in caps] == [0.5, 0.9]
+    assert caps[0]["iteration"] <= caps[1]["iteration"]
+    for c in caps:
+        assert c["z"].shape == (8, 32) and c["fraction"] >= c["target"] and c["tau"] > 0
+
+
+def test_bench_prox_tiny():
+    rows = bench_ops.bench_prox(
+        64, repeats=1, capture_shape=(8, 32), gaussian_targets=(0.5,), alg2_targets=(0.5,)
+    )
+    assert len(rows) == 2
+    for r in rows:
+        assert r["groups"] == 64 * 64 // 4
+        assert r["prox_s"] > 0 and r["sort_s"] > 0 and r["ratio"] == r["prox_s"] / r["sort_s"]
+        assert r["passed"] == (r["ratio"] <= bench_ops.RATIO_BAR)
+    assert "PASS" in bench_ops.format_prox_table(rows) or "FAIL" in bench_ops.format_prox_table(
+        rows
+    )
+
+
+def test_bench_solver_tiny():
+    assert bench_ops.layer_shapes(1 / 8)[1] == ("gate/up_proj", 1376, 512)
+    rows = bench_ops.bench_solver(1 / 256, recipes=("fast",), references=("wanda",))
+    assert [r["layer"] for r in rows] == ["q/k/v/o_proj"] * 2 + ["gate/up_proj"] * 2 + [
+        "down_proj"
+    ] * 2
+    for r in rows:
+        assert r["loss_final"] > 0 and r["gemms"] > 0
+    prox = [r for r in rows if r["run"].startswith("prox")]
+    assert all(r["iterations_to_2of4"] > 0 for r in prox)
+    assert "loss / Wanda+refit" in bench_ops.format_solver_table(rows)
+
+
+def test_bench_cli_json(tmp_path):
+    path = tmp_path / "bench.json"
+    res = bench_ops.main(
+        ["--quick", "--size", "32", "--scale", str(1 / 256), "--repeats", "1", "--skip-prox"]
+        + ["--json", str(path), "--threads", "1"]
+    )
+    assert path.exists() and "solver" in res and "prox" not in res
