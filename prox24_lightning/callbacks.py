@@ -107,18 +107,30 @@ class ExportPruned(L.Callback):
     and renamed, then verified with :func:`~prox24_lightning.artifacts.check_export`.
 
     Args:
-        dirpath: export folder.
+        dirpath: export folder (default: ``<trainer.default_root_dir>/export``).
         overwrite: replace an existing export instead of refusing.
         print_table: print the per-layer sparsity table at the end.
     """
 
-    def __init__(self, dirpath: str, overwrite: bool = False, print_table: bool = True) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(
+        self, dirpath: str | None = None, overwrite: bool = False, print_table: bool = True
+    ) -> None:
+        self._dirpath = Path(dirpath) if dirpath else None
         self.overwrite = overwrite
         self.print_table = print_table
         self.report: dict[str, Any] = {}
+        self._root: Path | None = None
+
+    @property
+    def dirpath(self) -> Path:
+        if self._dirpath is not None:
+            return self._dirpath
+        if self._root is None:
+            raise RuntimeError("ExportPruned has no dirpath before Trainer.setup")
+        return self._root / "export"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._root = Path(trainer.default_root_dir)
         # Refuse before hours of work, not after: an existing export is never silently replaced.
         if stage == "fit" and not self.overwrite and (self.dirpath / "config.json").exists():
             if trainer.ckpt_path is None:
