@@ -79,24 +79,42 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def save_masks(path: str | os.PathLike[str], masks: dict[str, Tensor], **metadata: str) -> None:
-    """Bit-packed masks in safetensors: ``<layer>`` (uint8 bits) plus ``<layer>.shape``."""
+def save_masks(
+    path: str | os.PathLike[str],
+    masks: dict[str, Tensor],
+    *,
+    transposed: set[str] | frozenset[str] = frozenset(),
+    **metadata: str,
+) -> None:
+    """Bit-packed masks in safetensors: ``<layer>`` (uint8 bits), ``<layer>.shape`` and
+    ``<layer>.transposed`` (1 where the module stores its weight as ``[in, out]``, GPT-2's
+    ``Conv1D``). Masks are always ``[out, in]``: groups of 4 run along the input dimension."""
     tensors: dict[str, Tensor] = {}
     for name, mask in masks.items():
         tensors[name] = pack_mask(mask.cpu())
         tensors[f"{name}.shape"] = torch.tensor(list(mask.shape), dtype=torch.int64)
+        tensors[f"{name}.transposed"] = torch.tensor([int(name in transposed)], dtype=torch.uint8)
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "prox24-packed-masks-v1", **metadata})
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Inverse of :func:`save_masks` (bool masks, ``True`` = kept weight)."""
+    """Inverse of :func:`save_masks` (bool ``[out, in]`` masks, ``True`` = kept weight)."""
+    return load_masks_with_layout(path)[0]
+
+
+def load_masks_with_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], set[str]]:
+    """Masks plus the names of layers whose stored weight is transposed (``[in, out]``)."""
     raw = load_file(str(path))
-    return {
-        name: unpack_mask(t, tuple(int(s) for s in raw[f"{name}.shape"].tolist()))
-        for name, t in raw.items()
-        if not name.endswith(".shape")
-    }
+    masks, transposed = {}, set()
+    for name, t in raw.items():
+        if name.endswith((".shape", ".transposed")):
+            continue
+        masks[name] = unpack_mask(t, tuple(int(s) for s in raw[f"{name}.shape"].tolist()))
+        flag = raw.get(f"{name}.transposed")
+        if flag is not None and int(flag[0]):
+            transposed.add(name)
+    return masks, transposed
 
 
 @dataclass
@@ -115,7 +133,11 @@ class CheckResult:
         return f"FAIL: {len(self.problems)} problem(s): {shown}{more}"
 
 
-def check_weights(weights: Callable[[str], Tensor | None], masks: dict[str, Tensor]) -> CheckResult:
+def check_weights(
+    weights: Callable[[str], Tensor | None],
+    masks: dict[str, Tensor],
+    transposed: set[str] | frozenset[str] = frozenset(),
+) -> CheckResult:
     """Check each masked weight: 2:4, equal to its mask's support, no -0.0, NaN or Inf."""
     res = CheckResult(ok=True)
     for name, mask in masks.items():
@@ -123,13 +145,11 @@ def check_weights(weights: Callable[[str], Tensor | None], masks: dict[str, Tens
         if w is None:
             res.problems.append(f"{name}: missing from the checkpoint")
             continue
+        if name in transposed:  # GPT-2 Conv1D stores [in, out]
+            w = w.T
         if tuple(w.shape) != tuple(mask.shape):
-            # GPT-2 Conv1D stores [in, out]
-            if tuple(w.T.shape) == tuple(mask.shape):
-                w = w.T
-            else:
-                res.problems.append(f"{name}: shape {tuple(w.shape)} != mask {tuple(mask.shape)}")
-                continue
+            res.problems.append(f"{name}: shape {tuple(w.shape)} != mask {tuple(mask.shape)}")
+            continue
         w = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
         res.layers += 1
         if not bool(torch.isfinite(w).all()):
@@ -156,7 +176,7 @@ def check_export(path: str | os.PathLike[str]) -> CheckResult:
     mask_file = path / "masks.safetensors"
     if not mask_file.is_file():
         return CheckResult(ok=False, problems=[f"{mask_file} not found"])
-    masks = load_masks(mask_file)
+    masks, transposed = load_masks_with_layout(mask_file)
     files = sorted(path.glob("*.safetensors"))
     files = [f for f in files if f.name != "masks.safetensors"]
     if not files:
@@ -174,4 +194,4 @@ def check_export(path: str | os.PathLike[str]) -> CheckResult:
         with safe_open(str(index[key]), framework="pt") as h:
             return h.get_tensor(key)
 
-    return check_weights(weight, masks)
+    return check_weights(weight, masks, transposed)

@@ -142,6 +142,12 @@ class ExportPruned(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "lm", None) is None or not getattr(pl_module, "report", None):
             return
+        if not getattr(pl_module, "is_complete", True):
+            rank_zero_info(
+                f"pruned blocks {sorted(pl_module.pruned_blocks)} of {pl_module.num_blocks}: "
+                "no export yet (resume with --ckpt_path last to finish)"
+            )
+            return
         self._export(trainer, pl_module)
         trainer.strategy.barrier()
 
@@ -157,7 +163,12 @@ class ExportPruned(L.Callback):
             lm.save_pretrained(tmp, safe_serialization=True)
             if pl_module.tokenizer is not None:
                 pl_module.tokenizer.save_pretrained(tmp)
-            save_masks(tmp / "masks.safetensors", masks, method=str(pl_module.method))
+            save_masks(
+                tmp / "masks.safetensors",
+                masks,
+                transposed=set(getattr(pl_module, "transposed", set())),
+                method=str(pl_module.method),
+            )
             write_json(tmp / "sparsity_report.json", self.report)
             result = check_export(tmp)
             if not result.ok:

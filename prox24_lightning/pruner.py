@@ -35,6 +35,7 @@ from .models.hf import (
     find_linear_layers,
     get_weight_matrix,
     in_features,
+    is_conv1d,
     load_causal_lm,
     run_block,
     set_weight_matrix,
@@ -104,8 +105,12 @@ class BlockwisePruner(L.LightningModule):
         self.tokenizer: Any = None
         #: per pruned layer: stats and sparsity, in pruning order (restored on resume).
         self.report: dict[str, dict[str, Any]] = {}
-        #: per pruned layer: the bool mask (CPU), filled as blocks finish.
+        #: per pruned layer: the bool ``[out, in]`` mask (CPU), filled as blocks finish.
         self.masks: dict[str, Tensor] = {}
+        #: layers whose module stores the weight as ``[in, out]`` (GPT-2 ``Conv1D``).
+        self.transposed: set[str] = set()
+        #: indices of the blocks already pruned (checkpointed).
+        self.pruned_blocks: set[int] = set()
         #: hooks for callbacks: called with (block index, {layer: PruneResult}).
         self.block_pruned_listeners: list[Callable[[int, dict[str, PruneResult]], None]] = []
         self._blocks: list[tuple[str, nn.Module]] = []
@@ -277,6 +282,7 @@ class BlockwisePruner(L.LightningModule):
             self._replay_cached(k, None, store=True)
         self._inputs, self._next_inputs = self._next_inputs, {}
         self._inputs_block = k + 1
+        self.pruned_blocks.add(k)
         for listener in self.block_pruned_listeners:
             listener(k, results)
         self.log("prune/block_seconds", time.perf_counter() - self._stage_start, on_step=True)
@@ -349,6 +355,8 @@ class BlockwisePruner(L.LightningModule):
             set_weight_matrix(self._layers[name], result.weight)
             results[name] = result
             self.masks[name] = result.mask.cpu()
+            if is_conv1d(self._layers[name]):
+                self.transposed.add(name)
             self.report[name] = self._layer_report(k, name, result, collector.tokens_of(name))
             raw.state.pop(solve.work, None)
         raw.param_groups[:] = [g for g in raw.param_groups if g["name"] == "_idle"]
@@ -425,9 +433,21 @@ class BlockwisePruner(L.LightningModule):
         return self.validation_step(batch, batch_idx, dataloader_idx)
 
     # ------------------------------------------------------------------------ checkpoints
+    @property
+    def is_complete(self) -> bool:
+        """True once every block has been pruned (only then is there a model to export)."""
+        return bool(self._blocks) and self.pruned_blocks >= set(range(self.num_blocks))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["prox24_report"] = self.report
+        checkpoint["prox24"] = {
+            "report": self.report,
+            "pruned_blocks": sorted(self.pruned_blocks),
+            "transposed": sorted(self.transposed),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.report = dict(checkpoint.get("prox24_report", {}))
+        state = checkpoint.get("prox24", {})
+        self.report = dict(state.get("report", {}))
+        self.pruned_blocks = set(state.get("pruned_blocks", []))
+        self.transposed = set(state.get("transposed", []))
         rank_zero_info(f"resuming after {len(self.report)} pruned layers")

@@ -15,7 +15,7 @@ sys.path.insert(0, str(TOOLS))
 
 import bench_ops  # noqa: E402
 import toy_experiment as toy  # noqa: E402
-from _common import markdown_table, round_to_multiple  # noqa: E402
+from _common import markdown_table, recipe, round_to_multiple  # noqa: E402
 
 from prox24_lightning.ops import local_loss  # noqa: E402
 
@@ -91,6 +91,10 @@ def test_common_helpers():
     assert round_to_multiple(4096 / 8) == 512
     assert round_to_multiple(11008 / 8) == 1376
     assert round_to_multiple(1.0) == 4
+    paper = recipe("paper")
+    assert paper["lambda0"] == 0.01 and paper["beta"] == 1.01 and paper["momentum"] == 0.0
+    assert recipe("paper", momentum=0.9)["momentum"] == 0.9
+    assert recipe("paper")["momentum"] == 0.0  # overrides never leak into the shared recipe
     table = markdown_table(["a", "b"], [[1, "xy"]])
     assert table.splitlines()[0] == "| a | b  |"
 
