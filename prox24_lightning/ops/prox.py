@@ -87,13 +87,86 @@ def _symmetric_start(z: Tensor, tau: Tensor, size: int) -> Tensor:
     return 2.0 * zbar / (1.0 + torch.sqrt(1.0 + 4.0 * c * tau * zbar))
 
 
-def _minimise_support(z: Tensor, tau: Tensor, size: int, max_sweeps: int, tol: float) -> Tensor:
+def _cd_sweep(w: list[Tensor], zs: list[Tensor], t: Tensor) -> None:
+    """One sweep of exact coordinate minimisation, smallest coordinate first (in place)."""
+    size = len(w)
+    for i in reversed(range(size)):
+        a, b, *rest = (w[j] for j in range(size) if j != i)
+        e2 = a * b if not rest else torch.addcmul(a * b, rest[0], a + b)
+        w[i] = torch.clamp_min(torch.addcmul(zs[i], t, e2, value=-1.0), 0.0)
+
+
+def _support_objective(w: Tensor, z: Tensor, t: Tensor) -> Tensor:
+    """``0.5 ||w - z||^2 + t e3(w)`` on ``[m, size]`` (the dropped entries add a constant)."""
+    size = w.shape[1]
+    if size == 3:
+        e3 = w[:, 0] * w[:, 1] * w[:, 2]
+    else:
+        e3 = _triple_sum(w[:, 0], w[:, 1], w[:, 2], w[:, 3])
+    return 0.5 * (w - z).square().sum(-1) + t * e3
+
+
+def _kkt_residual(w: Tensor, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient on the support and the KKT residual of ``w >= 0`` (per group max)."""
+    size = w.shape[1]
+    total = w.sum(-1, keepdim=True)
+    pair = (total.square() - w.square().sum(-1, keepdim=True)) / 2  # e2 of all entries
+    if size == 3:
+        e2_minus = torch.stack([w[:, 1] * w[:, 2], w[:, 0] * w[:, 2], w[:, 0] * w[:, 1]], -1)
+    else:
+        e2_minus = pair - w * (total - w)
+    grad = w - z + t[:, None] * e2_minus
+    res = torch.where(w > 0, grad.abs(), torch.clamp_min(-grad, 0.0)).amax(-1)
+    return grad, res
+
+
+def _newton_polish(w: Tensor, z: Tensor, t: Tensor, tol: Tensor, iters: int) -> Tensor:
+    """Safeguarded Newton on the support for the few groups coordinate descent converges slowly on.
+
+    Near a bifurcation the support's Hessian ``I + t S`` (``S_ij`` = sum of the other kept entries)
+    is nearly singular and coordinate descent crawls; Newton converges quadratically there. A
+    Newton step is kept only if it lowers the objective, otherwise a coordinate sweep is taken, so
+    the objective never increases.
+    """
+    m, size = w.shape
+    off = ~torch.eye(size, dtype=torch.bool, device=w.device)
+    for _ in range(iters):
+        grad, res = _kkt_residual(w, z, t)
+        active = res > tol
+        if not bool(active.any()):
+            break
+        total = w.sum(-1, keepdim=True)
+        # S_ij = sum of kept entries other than i and j (size 4), or the third entry (size 3).
+        s = total[:, :, None] - w[:, :, None] - w[:, None, :]
+        hess = torch.eye(size, dtype=w.dtype, device=w.device) + t[:, None, None] * s * off
+        free = (w > 0) | (grad < 0)
+        # Freeze coordinates held at zero by their bound.
+        hess = torch.where(
+            free[:, :, None] & free[:, None, :],
+            hess,
+            torch.eye(size, dtype=w.dtype, device=w.device).expand_as(hess),
+        )
+        rhs = torch.where(free, -grad, torch.zeros_like(grad))
+        step, info = torch.linalg.solve_ex(hess, rhs)
+        trial = torch.clamp_min(w + torch.nan_to_num(step), 0.0)
+        ok = (info == 0) & (_support_objective(trial, z, t) <= _support_objective(w, z, t))
+        cols = [w[:, i].clone() for i in range(size)]
+        _cd_sweep(cols, [z[:, i] for i in range(size)], t)
+        swept = torch.stack(cols, -1)
+        w = torch.where(active[:, None], torch.where(ok[:, None], trial, swept), w)
+    return w
+
+
+def _minimise_support(
+    z: Tensor, tau: Tensor, size: int, max_sweeps: int, tol: float, newton_after: int = 48
+) -> Tensor:
     """Exact coordinate minimisation on the first ``size`` sorted coordinates.
 
     ``z`` is ``[n, 4]`` sorted decreasing and non-negative, ``tau`` is ``[n]``. Coordinate ``i`` is
     set to ``max(0, z_i - tau * e2(w_{-i}))``, the exact minimiser of the objective in ``w_i``
     (it is a convex quadratic in one coordinate), smallest coordinate first, from the symmetric
-    start of :func:`_symmetric_start`.
+    start of :func:`_symmetric_start`. Groups still moving after ``newton_after`` sweeps (near a
+    bifurcation, where coordinate descent is slow) are finished by :func:`_newton_polish`.
     """
     n = z.shape[0]
     out = z.new_zeros(n, 4)
@@ -110,14 +183,19 @@ def _minimise_support(z: Tensor, tau: Tensor, size: int, max_sweeps: int, tol: f
         for sweep in range(_CHECK_EVERY):
             if sweep == _CHECK_EVERY - 1:
                 old = [x.clone() for x in w]
-            for i in reversed(range(size)):
-                a, b, *rest = (w[j] for j in range(size) if j != i)
-                e2 = a * b if not rest else a * b + rest[0] * (a + b)
-                w[i] = torch.clamp_min(zs[i] - t * e2, 0.0)
+            _cd_sweep(w, zs, t)
         sweeps += _CHECK_EVERY
         delta = torch.stack([(a - b).abs() for a, b in zip(w, old, strict=True)]).amax(0)
         done = delta <= tol * scale
-        if sweeps >= max_sweeps:
+        if sweeps >= min(newton_after, max_sweeps):
+            rest = ~done
+            if bool(rest.any()):
+                ws = torch.stack([x[rest] for x in w], -1)
+                zr = torch.stack([x[rest] for x in zs], -1)
+                polished = _newton_polish(ws, zr, t[rest], tol * scale[rest], max_sweeps)
+                w = [torch.where(rest, torch.zeros_like(x), x) for x in w]
+                for i in range(size):
+                    w[i][rest] = polished[:, i]
             done = torch.ones_like(done)
         if bool(done.any()):
             sel = idx[done]
@@ -158,14 +236,15 @@ def _prox_sorted(z: Tensor, tau: Tensor, max_sweeps: int, tol: float) -> Tensor:
 
 @torch.no_grad()
 def prox_2of4(
-    w: Tensor, tau: Tensor | float, *, max_sweeps: int = 2000, tol: float | None = None
+    w: Tensor, tau: Tensor | float, *, max_sweeps: int = 200, tol: float | None = None
 ) -> Tensor:
     """Exact proximal operator of ``tau * r`` applied to every group of 4 along the last dim.
 
     Args:
         w: input of any leading shape whose last dimension is divisible by 4 (fp32 or fp64).
         tau: a non-negative float, or a tensor broadcastable per row (shape ``[..., 1]``).
-        max_sweeps: cap on coordinate sweeps for the slowest groups.
+        max_sweeps: cap on safeguarded Newton iterations for the slowest groups (after 48
+            coordinate sweeps).
         tol: convergence tolerance of a sweep, relative to ``1 + z1``; defaults to ``4 * sqrt(eps)``
             of the dtype (objective error is quadratic in it).
 
