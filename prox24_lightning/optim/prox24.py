@@ -97,6 +97,13 @@ class Prox24(torch.optim.Optimizer):
             gradient step of the proximal phase (0 is the paper's plain proximal gradient). With
             0.9 the same local loss is reached with several times fewer iterations (see
             ``tools/bench_solver.py``).
+        switch_at: end the proximal phase once this fraction of groups is 2:4 (1.0: the paper's
+            rule, every group); the remaining groups keep the two largest entries of the current,
+            already compensated iterate. Counted in the state as ``forced`` when < 1.
+        beta_tail: if set, lambda grows by this factor (instead of ``beta``) once ``tail_from`` of
+            the groups are 2:4: the mask is mostly decided and the last groups only need lambda
+            to grow past their threshold.
+        tail_from: fraction of 2:4 groups where ``beta_tail`` takes over.
     """
 
     def __init__(
@@ -109,7 +116,14 @@ class Prox24(torch.optim.Optimizer):
         refine: RefineMethod = "gd",
         max_prox_steps: int = 20000,
         momentum: float = 0.0,
+        switch_at: float = 1.0,
+        beta_tail: float | None = None,
+        tail_from: float = 0.9,
     ) -> None:
+        if not 0.0 < switch_at <= 1.0:
+            raise ValueError(f"switch_at must be in (0, 1], got {switch_at}")
+        if beta_tail is not None and beta_tail < 1:
+            raise ValueError(f"beta_tail must be >= 1, got {beta_tail}")
         if lambda0 <= 0 or beta < 1:
             raise ValueError(f"need lambda0 > 0 and beta >= 1, got {lambda0=} {beta=}")
         if not 0.0 <= momentum < 1.0:
@@ -123,6 +137,9 @@ class Prox24(torch.optim.Optimizer):
             refine=refine,
             max_prox_steps=max_prox_steps,
             momentum=momentum,
+            switch_at=switch_at,
+            beta_tail=beta_tail,
+            tail_from=tail_from,
             name=None,
         )
         super().__init__(params, defaults)
@@ -131,7 +148,16 @@ class Prox24(torch.optim.Optimizer):
     def _state(self, p: Tensor) -> dict:
         st = self.state[p]
         if not st:
-            st.update(phase="prox", prox_steps=0, refine_done=0, lam=0.0, frac_2of4=0.0, forced=0)
+            st.update(
+                phase="prox",
+                prox_steps=0,
+                refine_done=0,
+                lam=0.0,
+                frac_2of4=0.0,
+                forced=0,
+                tail_step=-1,
+                tail_lam=0.0,
+            )
         return st
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -211,7 +237,14 @@ class Prox24(torch.optim.Optimizer):
             return
         inv_l = 1.0 / problem.lipschitz
         if st["phase"] == "prox":
-            lam = group["lambda0"] * group["beta"] ** st["prox_steps"]
+            k = st["prox_steps"]
+            beta_tail = group.get("beta_tail")
+            if beta_tail and st.get("tail_step", -1) < 0 and st["frac_2of4"] >= group["tail_from"]:
+                st["tail_step"], st["tail_lam"] = k, group["lambda0"] * group["beta"] ** k
+            if beta_tail and st.get("tail_step", -1) >= 0:
+                lam = st["tail_lam"] * beta_tail ** (k - st["tail_step"])
+            else:
+                lam = group["lambda0"] * group["beta"] ** k
             point = p
             if group["momentum"] > 0:
                 if problem.previous is not None:
@@ -223,7 +256,8 @@ class Prox24(torch.optim.Optimizer):
             st["lam"] = lam
             nnz = (group_view(p) != 0).sum(-1)
             st["frac_2of4"] = float((nnz <= 2).float().mean())
-            if st["frac_2of4"] >= 1.0 or st["prox_steps"] >= group["max_prox_steps"]:
+            switch_at = group.get("switch_at", 1.0)
+            if st["frac_2of4"] >= switch_at or st["prox_steps"] >= group["max_prox_steps"]:
                 st["forced"] = int(st["frac_2of4"] < 1.0)
                 self._freeze_support(p, group, problem)
             return
@@ -239,12 +273,16 @@ class Prox24(torch.optim.Optimizer):
 
     def _freeze_support(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
         st = self._state(p)
-        # Non-zeros first, then the largest dense scores |Ŵ̃| (the Wanda score) fill groups that
-        # the prox left with fewer than two non-zeros; exactly two per group are kept.
-        support = (p != 0).to(p.dtype)
-        scores = support * (1.0 + problem.target.abs().amax()) + problem.target.abs()
-        if st["forced"]:
-            scores = p.abs() + 1e-12 * problem.target.abs()
+        # Non-zeros first, by current magnitude (groups still holding 3-4 after an early or forced
+        # switch keep their two largest); the dense scores |Ŵ̃| (the Wanda score) fill groups the
+        # prox left with fewer than two non-zeros. Exactly two per group are kept.
+        mag = p.abs()
+        dense = problem.target.abs()
+        scores = torch.where(
+            p != 0,
+            2.0 + mag / mag.amax().clamp_min(torch.finfo(p.dtype).tiny),
+            dense / dense.amax().clamp_min(torch.finfo(p.dtype).tiny),
+        )
         mask = mask_2of4(scores)
         problem.mask = mask
         problem.previous = None
