@@ -1,7 +1,9 @@
 """Atomic file writes and the 2:4 export checker (no Lightning here).
 
 Every artifact is written to a temporary name in the same directory and renamed with
-``os.replace``, so a crash can never leave a half-written file under the final name.
+``os.replace``, so a crash can never leave a half-written file under the final name. Temporary
+files left behind by a killed process (``.<name>.<random>.tmp``) are removed by the next write of
+the same target.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .faults import maybe_fail
 from .ops.masks import pack_mask, unpack_mask
 
 __all__ = [
@@ -33,17 +37,42 @@ __all__ = [
 ]
 
 
+#: Temporary files older than this process were left by a killed writer: safe to delete.
+_PROCESS_START = time.time()
+# mkstemp/mkdtemp create private (0600/0700) entries; finished artifacts get the usual modes.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``.<name>.*.tmp`` siblings of ``path`` (and ``.<name>.old``) made before this
+    process started: leftovers of a killed write, never a live one of this process."""
+    for stale in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(f".{path.name}.old")]:
+        try:
+            if stale.stat().st_mtime < _PROCESS_START:
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        maybe_fail("write")
+        maybe_fail("write" + path.suffix)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -59,9 +88,11 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
             f"{path} already holds files (an earlier export?); pass overwrite=True to replace it"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -96,6 +127,20 @@ def save_masks(
         tensors[f"{name}.transposed"] = torch.tensor([int(name in transposed)], dtype=torch.uint8)
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "prox24-packed-masks-v1", **metadata})
+        _canonical_header(tmp)
+
+
+def _canonical_header(path: Path) -> None:
+    """Sort the JSON header of a safetensors file in place (same length, same offsets), so equal
+    contents give byte-identical files: safetensors writes ``__metadata__`` in hash-map order."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+        if len(header) > size:  # pragma: no cover - the compact JSON never grows
+            return
+        f.seek(8)
+        f.write(header.ljust(size, b" "))
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:

@@ -1,27 +1,44 @@
-"""Callbacks of the pruning run: mask checkpoints, export with report, sparsity table."""
+"""Callbacks of the pruning run: mask checkpoints, export with report, sparsity table, and the
+atomic checkpoint writer."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
-from .artifacts import atomic_dir, check_export, load_masks, save_masks, write_json
+from .artifacts import atomic_dir, atomic_write, check_export, load_masks, save_masks, write_json
+from .faults import maybe_fail
 from .ops.masks import pack_mask, unpack_mask
 
-__all__ = ["MaskCheckpoint", "ExportPruned", "library_versions"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "BlockCheckpoint",
+    "MaskCheckpoint",
+    "ExportPruned",
+    "install_atomic_checkpoint_io",
+    "library_versions",
+]
 
 
 def library_versions() -> dict[str, str]:
     import datasets
     import lightning
+    import numpy
+    import safetensors
+    import tokenizers
     import torchmetrics
     import transformers
 
@@ -30,12 +47,99 @@ def library_versions() -> dict[str, str]:
     return {
         "prox24_lightning": __version__,
         "torch": torch.__version__,
+        "torch_cuda": str(torch.version.cuda),
         "lightning": lightning.__version__,
         "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
         "datasets": datasets.__version__,
         "torchmetrics": torchmetrics.__version__,
+        "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the run happened: bit-identical results are promised on the same machine."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        ]
+    return info
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic.
+
+    Lightning's ``_atomic_save`` (2.6) streams through an fsspec transaction that writes to the
+    system temp folder and *moves* the file into place: across file systems that is a copy, so a
+    kill can leave a truncated ``last.ckpt`` under its final name. Here the checkpoint is written
+    next to its target, fsynced and renamed with ``os.replace``. Remote paths use the parent
+    class. The pruner installs it on its own (see :func:`install_atomic_checkpoint_io`); in YAML
+    it can also be given explicitly as ``trainer.plugins``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class BlockCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes ``last.ckpt`` after every pruned block (training epoch).
+
+    In Lightning 2.6 a plain ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes
+    ``last.ckpt`` only when training ends (``last`` follows top-k saves, and none happen), and it
+    skips epochs without optimizer steps (Wanda, SparseGPT, magnitude): a crash would lose every
+    block. This subclass saves ``last`` at the end of each epoch, so ``--ckpt_path last``
+    resumes at the first unfinished block. Defaults: ``save_last=True, save_top_k=0,
+    save_on_train_epoch_end=True``; other arguments are ``ModelCheckpoint``'s.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        save_last: bool | None = True,
+        save_top_k: int = 0,
+        save_on_train_epoch_end: bool | None = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+            **kwargs,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+            return
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        candidates = self._monitor_candidates(trainer)
+        every = self._every_n_epochs
+        if self.save_top_k != 0 and every >= 1 and (trainer.current_epoch + 1) % every == 0:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)  # no-op unless save_last
+
+
+def install_atomic_checkpoint_io(strategy: Any) -> None:
+    """Replace a strategy's default ``TorchCheckpointIO`` by :class:`AtomicCheckpointIO`
+    (custom checkpoint IO plugins are left alone)."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 class MaskCheckpoint(L.Callback):
@@ -78,6 +182,40 @@ class MaskCheckpoint(L.Callback):
         if hasattr(pl_module, "masks"):
             for name, m in self.masks().items():
                 pl_module.masks.setdefault(name, m)
+        if self._packed and hasattr(pl_module, "check_masks"):
+            pl_module.check_masks(self.masks(), f"checkpoint {trainer.ckpt_path}")
+        if trainer.is_global_zero and self._packed:
+            self._verify_files(trainer, pl_module)
+
+    def _verify_files(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """On resume: each finished block's mask file must hold the checkpoint's masks (a file
+        from another model or run is refused); a missing file is written again."""
+        by_block: dict[int, dict[str, Tensor]] = {}
+        for name, m in self.masks().items():
+            by_block.setdefault(int(self._packed[name]["block"]), {})[name] = m
+        for block, masks in sorted(by_block.items()):
+            path = self._dir(trainer) / f"block_{block:03d}.safetensors"
+            if not path.exists():
+                save_masks(path, masks)
+                continue
+            on_disk = load_masks(path)
+            if hasattr(pl_module, "check_masks"):
+                pl_module.check_masks(on_disk, f"mask file {path}")
+            for name, m in masks.items():
+                other = on_disk.get(name)
+                if other is None:
+                    detail = "missing from the file"
+                elif other.shape != m.shape:
+                    detail = f"shape {tuple(other.shape)} in the file, {tuple(m.shape)} resumed"
+                elif not torch.equal(other, m):
+                    detail = "different mask bits"
+                else:
+                    continue
+                raise ValueError(
+                    f"mask file {path} does not match the checkpoint being resumed at layer "
+                    f"{name}: {detail}; it comes from another run or model: move it away or "
+                    "use another dirpath"
+                )
 
     def masks(self) -> dict[str, Tensor]:
         return {n: unpack_mask(p["bits"], tuple(p["shape"])) for n, p in self._packed.items()}
@@ -119,6 +257,8 @@ class ExportPruned(L.Callback):
         self.overwrite = overwrite
         self.print_table = print_table
         self.report: dict[str, Any] = {}
+        #: the full run config (set by the ``prox24`` CLI), recorded in the report.
+        self.run_config: dict[str, Any] | None = None
         self._root: Path | None = None
 
     @property
@@ -132,11 +272,11 @@ class ExportPruned(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._root = Path(trainer.default_root_dir)
         # Refuse before hours of work, not after: an existing export is never silently replaced.
-        if stage == "fit" and not self.overwrite and (self.dirpath / "config.json").exists():
-            if trainer.ckpt_path is None:
+        if stage == "fit" and not self.overwrite and self.dirpath.exists():
+            if trainer.ckpt_path is None and any(self.dirpath.iterdir()):
                 raise FileExistsError(
-                    f"{self.dirpath} already holds an export; set overwrite: true on ExportPruned "
-                    "or choose another dirpath"
+                    f"{self.dirpath} already holds an export (or other files); set overwrite: "
+                    "true on ExportPruned or choose another dirpath"
                 )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -158,7 +298,7 @@ class ExportPruned(L.Callback):
         missing = [n for n in pl_module.report if n not in masks]
         if missing:
             raise RuntimeError(f"no masks for pruned layers {missing[:3]}...; cannot export")
-        self.report = build_report(trainer, pl_module)
+        self.report = build_report(trainer, pl_module, config=self.run_config)
         with atomic_dir(self.dirpath, overwrite=True) as tmp:
             lm.save_pretrained(tmp, safe_serialization=True)
             if pl_module.tokenizer is not None:
@@ -173,6 +313,7 @@ class ExportPruned(L.Callback):
             result = check_export(tmp)
             if not result.ok:
                 raise RuntimeError(f"export check failed: {result.verdict()}")
+            maybe_fail("export")
         rank_zero_info(f"export written to {self.dirpath}: {result.verdict()}")
         if self.print_table:
             print(format_table(self.report))
@@ -188,28 +329,95 @@ class ExportPruned(L.Callback):
         self.report = report
 
 
-def build_report(trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
+_DATA_KEYS = (
+    "tokenizer_name",
+    "calibration",
+    "calibration_mode",
+    "nsamples",
+    "seqlen",
+    "seed",
+    "batch_size",
+    "validation",
+    "eval_seqlen",
+    "max_eval_windows",
+    "eval_batch_size",
+)
+
+
+def _data_report(dm: Any) -> dict[str, Any]:
+    """The data settings, and what each source read: local files with their SHA-256, or the hub
+    dataset; plus a hash of the calibration tokens actually used."""
+    from dataclasses import asdict, is_dataclass
+
+    from .data.sources import source_provenance
+
+    data: dict[str, Any] = {}
+    for key in _DATA_KEYS:
+        if hasattr(dm, key):
+            value = getattr(dm, key)
+            if is_dataclass(value) and not isinstance(value, type):
+                value = asdict(value)
+            elif isinstance(value, dict):
+                value = {k: asdict(v) if is_dataclass(v) else v for k, v in value.items()}
+            data[key] = value
+    sources: dict[str, Any] = {}
+    if getattr(dm, "calibration", None) is not None:
+        sources["calibration"] = dm.calibration
+    for name, src in (getattr(dm, "validation", None) or {}).items():
+        sources[f"validation/{name}"] = src
+    files: dict[str, Any] = {}
+    for name, src in sources.items():
+        try:
+            files[name] = source_provenance(src)
+        except (OSError, ValueError) as err:  # a source that vanished after the run read it
+            files[name] = {"error": str(err)}
+    data["files"] = files
+    tokens = getattr(dm, "calibration_data", None)
+    if isinstance(tokens, Tensor):
+        data["calibration_tokens"] = list(tokens.shape)
+        data["calibration_tokens_sha256"] = hashlib.sha256(
+            tokens.contiguous().cpu().numpy().tobytes()
+        ).hexdigest()
+    return data
+
+
+def build_report(
+    trainer: L.Trainer, pl_module: Any, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``sparsity_report.json`` contents: per-layer stats, a summary, and everything needed to
+    reproduce the run (config, seed, data files and hashes, library versions, machine)."""
     layers = pl_module.report
     total = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
     zeros = sum(v["sparsity"] * v["shape"][0] * v["shape"][1] for v in layers.values())
     dm = getattr(trainer, "datamodule", None)
-    data: dict[str, Any] = {}
-    if dm is not None:
-        for key in ("calibration", "calibration_mode", "nsamples", "seqlen", "seed", "validation"):
-            if hasattr(dm, key):
-                data[key] = getattr(dm, key)
+    dead = {n: int(v.get("dead_features", 0)) for n, v in layers.items()}
+    skipped = dict(getattr(pl_module, "skipped", {}) or {})
+    seed = os.environ.get("PL_GLOBAL_SEED")
     return {
         "model": pl_module.model_name_or_path,
         "method": pl_module.method,
+        "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,
         "hparams": dict(pl_module.hparams),
-        "data": data,
+        "fingerprint": pl_module.fingerprint() if hasattr(pl_module, "fingerprint") else None,
+        "config": config,
+        "trainer": {
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+            "accelerator": type(trainer.accelerator).__name__,
+        },
+        "data": _data_report(dm) if dm is not None else {},
         "versions": library_versions(),
+        "machine": machine_info(),
         "summary": {
             "layers": len(layers),
             "all_2of4": all(v["is_2of4"] for v in layers.values()),
             "sparsity": zeros / total if total else 0.0,
             "loss_final_sum": sum(v["loss_final"] for v in layers.values()),
             "seconds_sum": sum(v["seconds"] for v in layers.values()),
+            "dead_features": sum(dead.values()),
+            "layers_with_dead_features": sorted(n for n, d in dead.items() if d),
+            "forced_2of4": sorted(n for n, v in layers.items() if v.get("forced_2of4")),
+            "skipped_layers": skipped,
         },
         "layers": layers,
     }
@@ -232,6 +440,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"\n{s['layers']} layers, sparsity {s['sparsity']:.4f}, all 2:4: {s['all_2of4']}, "
         f"summed local loss {s['loss_final_sum']:.4g}, solver time {s['seconds_sum']:.1f} s"
     )
+    if s.get("dead_features"):
+        rows.append(
+            f"{s['dead_features']} dead input features (never active on the calibration data) "
+            f"in {len(s['layers_with_dead_features'])} layers; pruned first"
+        )
+    if s.get("skipped_layers"):
+        rows.append(f"left dense: {', '.join(s['skipped_layers'])}")
     return "\n".join(rows)
 
 

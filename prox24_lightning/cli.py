@@ -6,10 +6,15 @@
 
 The method is chosen with ``model.init_args.method`` (``prox``, ``wanda``, ``sparsegpt``,
 ``magnitude``); everything else is in the YAML files of ``configs/``.
+
+Resume an interrupted run with the same arguments plus ``--ckpt_path last`` (a fresh start, with a
+warning, when no checkpoint exists yet). The config given is the config used: a checkpoint of
+another configuration is refused, naming the differences.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -35,6 +40,13 @@ class Prox24CLI(LightningCLI):
             help="fit only: perplexity of the dense model before and/or the pruned one after",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI (2.5+) would replace the model arguments by the hyper-parameters stored in
+        # an explicitly given checkpoint, silently (and not for ``--ckpt_path last``). Keep the
+        # config as given instead: the pruner compares it with the checkpoint's fingerprint and
+        # refuses a checkpoint of another configuration, naming the differences.
+        return None
+
     def _evaluate(self, label: str) -> dict[str, float]:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         metrics = {k: float(v) for r in results for k, v in r.items()}
@@ -42,8 +54,23 @@ class Prox24CLI(LightningCLI):
         self._metrics[label] = metrics
         return metrics
 
+    def _run_config(self) -> dict[str, Any] | None:
+        """The full config of this run, as the saved ``config.yaml`` holds it."""
+        try:
+            cfg = self.config.get(str(self.subcommand), self.config)
+            dumped = self._parser(self.subcommand).dump(cfg, skip_none=False, format="json")
+            return json.loads(dumped)
+        except Exception as err:  # noqa: BLE001 - the report must not break a finished run
+            rank_zero_info(f"could not record the run config in the report: {err}")
+            return None
+
     def before_fit(self) -> None:
         self._metrics: dict[str, dict[str, float]] = {}
+        exports = [cb for cb in self.trainer.callbacks if isinstance(cb, ExportPruned)]
+        if exports:
+            config = self._run_config()
+            for cb in exports:
+                cb.run_config = config
         mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
         ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
         if mode in ("before", "both") and ckpt is None:

@@ -17,16 +17,23 @@ resumed with ``--ckpt_path last`` continues at the next block with identical res
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .calibration import GramCollector
+from .callbacks import install_atomic_checkpoint_io
+from .data.sources import check_seqlen
+from .faults import maybe_fail
 from .metrics import Perplexity
 from .models.hf import (
     block_kwargs_to,
@@ -37,6 +44,7 @@ from .models.hf import (
     in_features,
     is_conv1d,
     load_causal_lm,
+    model_max_positions,
     run_block,
     set_weight_matrix,
 )
@@ -111,6 +119,8 @@ class BlockwisePruner(L.LightningModule):
         self.transposed: set[str] = set()
         #: indices of the blocks already pruned (checkpointed).
         self.pruned_blocks: set[int] = set()
+        #: targeted layers left dense, with the reason (e.g. input size not divisible by 4).
+        self.skipped: dict[str, str] = {}
         #: hooks for callbacks: called with (block index, {layer: PruneResult}).
         self.block_pruned_listeners: list[Callable[[int, dict[str, PruneResult]], None]] = []
         self._blocks: list[tuple[str, nn.Module]] = []
@@ -129,18 +139,31 @@ class BlockwisePruner(L.LightningModule):
         return self.model_name_or_path
 
     def configure_model(self) -> None:
-        if self.lm is not None:
+        if self.lm is None:
+            lm, tok = load_causal_lm(
+                self.model_name_or_path,
+                dtype=self.dtype_name,
+                revision=self.hparams.revision,
+                gguf_file=self.hparams.gguf_file,
+                trust_remote_code=self.hparams.trust_remote_code,
+                cache_dir=True,
+            )
+            lm.requires_grad_(False)
+            self.set_model(lm, tok)
+        self._check_seqlen()
+
+    def _check_seqlen(self) -> None:
+        """Refuse data windows longer than the model's positions, before any forward pass."""
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is None or self.lm is None:
             return
-        lm, tok = load_causal_lm(
-            self.model_name_or_path,
-            dtype=self.dtype_name,
-            revision=self.hparams.revision,
-            gguf_file=self.hparams.gguf_file,
-            trust_remote_code=self.hparams.trust_remote_code,
-            cache_dir=True,
-        )
-        lm.requires_grad_(False)
-        self.set_model(lm, tok)
+        limit = model_max_positions(self.lm)
+        fn = str(getattr(trainer.state.fn, "value", trainer.state.fn))
+        if fn == "fit" and isinstance(getattr(dm, "seqlen", None), int):
+            check_seqlen(dm.seqlen, limit, what="seqlen")
+        if getattr(dm, "val_names", None) and isinstance(getattr(dm, "eval_seqlen", None), int):
+            check_seqlen(dm.eval_seqlen, limit, what="eval_seqlen")
 
     def set_model(self, lm: nn.Module, tokenizer: Any = None) -> None:
         """Use an already loaded model (tests, notebooks) instead of loading by name."""
@@ -166,8 +189,10 @@ class BlockwisePruner(L.LightningModule):
             if d_in % 4:
                 msg = f"layer {lname} has {d_in} input features, not divisible by 4: cannot be 2:4"
                 if self.hparams.on_indivisible == "error":
-                    raise ValueError(msg)
-                rank_zero_warn(msg + "; left dense")
+                    raise ValueError(msg + " (set on_indivisible: warn to leave it dense)")
+                if lname not in self.skipped:
+                    rank_zero_warn(msg + "; left dense")
+                self.skipped[lname] = f"{d_in} input features, not divisible by 4"
                 continue
             keep[lname] = module
         if not layers:
@@ -177,7 +202,68 @@ class BlockwisePruner(L.LightningModule):
             )
         return keep
 
+    def check_model(self) -> None:
+        """Fail fast, before calibration: every block has linear layers, indivisible ones are
+        refused or skipped per ``on_indivisible``, and no targeted weight holds NaN or Inf."""
+        for k, (bname, _) in enumerate(self.blocks):
+            for lname, module in self.targeted_layers(k).items():
+                if not bool(torch.isfinite(get_weight_matrix(module)).all()):
+                    raise FloatingPointError(
+                        f"NaN or Inf in the weights of layer {lname} (block {k}, {bname}); "
+                        "fix the checkpoint before pruning"
+                    )
+
+    def check_masks(self, masks: dict[str, Tensor], source: str) -> None:
+        """Refuse masks that do not belong to this model: unknown layer, wrong shape, not 2:4,
+        or (for layers already pruned) weights outside the mask."""
+        layers: dict[str, nn.Module] = {}
+        for bname, block in self.blocks:
+            layers.update(find_linear_layers(block, prefix=bname))
+        for name, mask in masks.items():
+            if name not in layers:
+                raise ValueError(
+                    f"{source}: mask for {name!r}, which is not a linear layer of "
+                    f"{self.model_name_or_path} (masks from another model?)"
+                )
+            w = get_weight_matrix(layers[name])
+            if tuple(mask.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"{source}: mask for {name} has shape {tuple(mask.shape)} but the layer's "
+                    f"[out, in] weight has shape {tuple(w.shape)} (masks from another model?)"
+                )
+            if bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) != 2).any()):
+                raise ValueError(f"{source}: mask for {name} does not keep exactly 2 of every 4")
+            if name in self.report and bool(((w != 0) & ~mask.to(w.device)).any()):
+                raise ValueError(
+                    f"{source}: mask for {name} disagrees with the pruned weights "
+                    "(non-zero weights outside the mask)"
+                )
+
     # ------------------------------------------------------------------- optimizer / fit
+    def setup(self, stage: str) -> None:
+        install_atomic_checkpoint_io(self.trainer.strategy)
+        for cb in self.trainer.checkpoint_callbacks if stage == "fit" else []:
+            if type(cb) is ModelCheckpoint and cb.save_last and cb.save_top_k == 0:
+                rank_zero_warn(
+                    "ModelCheckpoint(save_last=True, save_top_k=0) writes last.ckpt only when "
+                    "pruning ends, so a crash loses every block; use "
+                    "prox24_lightning.callbacks.BlockCheckpoint to checkpoint after each block"
+                )
+
+    def on_fit_start(self) -> None:
+        self.check_model()
+
+    def on_train_start(self) -> None:
+        # After a resume, MaskCheckpoint (whose hook runs first) has restored and checked the
+        # masks of the pruned layers; without it there are none and no export could be written.
+        missing = [n for n in self.report if n not in self.masks]
+        if missing:
+            raise ValueError(
+                f"checkpoint {self.trainer.ckpt_path} holds no masks for the pruned layers "
+                f"{missing[:3]} (written without the MaskCheckpoint callback?); resume with the "
+                "callbacks of the first run"
+            )
+
     def configure_optimizers(self) -> Prox24:
         # Layers join as param groups while their block is solved; a tiny idle group keeps the
         # optimizer valid between stages (torch optimizers refuse an empty parameter list).
@@ -210,16 +296,32 @@ class BlockwisePruner(L.LightningModule):
         k = self.current_epoch
         if k >= self.num_blocks:
             return None
+        maybe_fail("calibration")
         hidden, kwargs = self._block_inputs(batch, batch_idx, k)
-        _, block = self.blocks[k]
+        bname, block = self.blocks[k]
         assert self._collector is not None
         with torch.no_grad(), self._collector.forward_pass():
             out = run_block(block, hidden, kwargs)
-        self._check_finite(out, f"output of block {k}")
+        if not bool(torch.isfinite(out).all()):
+            bad = self._first_nonfinite_gram(self._collector)
+            where = f"; first seen in the Gram matrix of the input of layer {bad}" if bad else ""
+            raise FloatingPointError(
+                f"NaN or Inf in the calibration activations of block {k} ({bname}){where}; "
+                "masks saved so far are kept"
+            )
         if self.hparams.propagation == "dense":
             self._store_next(batch_idx, out, kwargs)
         if self.trainer.is_last_batch:
             self._finish_stage(k)
+        return None
+
+    @staticmethod
+    def _first_nonfinite_gram(collector: GramCollector) -> str | None:
+        """The first layer (in forward order) whose accumulated input Gram is not finite."""
+        for lead in collector.order:
+            acc = collector.grams.get(lead)
+            if acc is not None and not bool(torch.isfinite(acc.gram).all()):
+                return lead
         return None
 
     def _check_finite(self, x: Tensor, what: str) -> None:
@@ -250,7 +352,9 @@ class BlockwisePruner(L.LightningModule):
             )
         with torch.no_grad():
             hidden, kwargs = capture_block_inputs(self.lm, batch["input_ids"])
-            self._check_finite(hidden, "calibration activations entering block 0")
+            self._check_finite(
+                hidden, f"calibration activations entering block 0 ({self.blocks[0][0]})"
+            )
             for j in range(k):
                 hidden = run_block(self.blocks[j][1], hidden, kwargs)
         if self._inputs_block != k:
@@ -308,7 +412,7 @@ class BlockwisePruner(L.LightningModule):
                 else:
                     out = run_block(block, h, kw)
                 if store:
-                    self._check_finite(out, f"output of pruned block {k}")
+                    self._check_finite(out, f"output of pruned block {k} ({self.blocks[k][0]})")
                     self._store_next(i, out, kw)
 
     def _solve(self, k: int, names: list[str], collector: GramCollector) -> dict[str, PruneResult]:
@@ -330,7 +434,10 @@ class BlockwisePruner(L.LightningModule):
                 )
             weight = get_weight_matrix(self._layers[name])
             if not bool(torch.isfinite(weight).all()):
-                raise FloatingPointError(f"NaN or Inf in the weights of layer {name} (block {k})")
+                raise FloatingPointError(
+                    f"NaN or Inf in the weights of layer {name} (block {k}); masks saved so far "
+                    "are kept"
+                )
             solve = LayerSolve(weight, gram, self.method, self.solver)
             raw.add_param_group(solve.param_group(name))
             solve.attach(raw)
@@ -341,6 +448,7 @@ class BlockwisePruner(L.LightningModule):
         try:
             while not all(s.done(raw) for s in solves.values()):
                 opt.step(problems=problems)
+                maybe_fail("solver")
                 for s in solves.values():
                     s.observe(raw)
                 iteration += 1
@@ -438,16 +546,70 @@ class BlockwisePruner(L.LightningModule):
         """True once every block has been pruned (only then is there a model to export)."""
         return bool(self._blocks) and self.pruned_blocks >= set(range(self.num_blocks))
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that decides the masks: a checkpoint only resumes a run with equal values."""
+        hp = self.hparams
+        path = self.model_name_or_path
+        fp: dict[str, Any] = {
+            "model_name_or_path": os.path.abspath(path) if os.path.exists(path) else path,
+            "revision": hp.revision,
+            "gguf_file": hp.gguf_file,
+            "dtype": self.dtype_name,
+            "method": self.method,
+            "solver": asdict(self.solver) if is_dataclass(self.solver) else dict(self.solver),
+            "targets": self.targets,
+            "ignore": self.ignore,
+            "on_indivisible": hp.on_indivisible,
+            "propagation": hp.propagation,
+            "sequential": hp.sequential,
+        }
+        if self.lm is not None:
+            shapes = "".join(f"{n}:{tuple(t.shape)};" for n, t in self.lm.state_dict().items())
+            fp["model_shapes_sha256"] = hashlib.sha256(shapes.encode()).hexdigest()
+        trainer = self._trainer
+        if trainer is not None:
+            fp["world_size"] = trainer.world_size
+            fp["precision"] = str(trainer.precision)
+            dm = getattr(trainer, "datamodule", None)
+            data = getattr(dm, "calibration_data", None)
+            if isinstance(data, Tensor):
+                fp["calibration_tokens"] = list(data.shape)
+                fp["calibration_sha256"] = hashlib.sha256(
+                    data.contiguous().cpu().numpy().tobytes()
+                ).hexdigest()
+                fp["batch_size"] = getattr(dm, "batch_size", None)
+        return fp
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prox24"] = {
             "report": self.report,
             "pruned_blocks": sorted(self.pruned_blocks),
             "transposed": sorted(self.transposed),
+            "skipped": self.skipped,
+            "fingerprint": self.fingerprint(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("prox24", {})
+        where = f"checkpoint {self._trainer.ckpt_path}" if self._trainer else "checkpoint"
+        saved = state.get("fingerprint")
+        if saved is None:
+            rank_zero_warn(f"{where} has no run fingerprint; cannot verify it matches this config")
+        else:
+            now = self.fingerprint()
+            diff = [
+                f"{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now"
+                for key in saved
+                if key in now and saved[key] != now[key]
+            ]
+            if diff:
+                raise ValueError(
+                    f"{where} comes from a different run configuration; refusing to resume. "
+                    + "; ".join(diff)
+                    + ". Resume with the same settings, or start a new run without --ckpt_path"
+                )
         self.report = dict(state.get("report", {}))
         self.pruned_blocks = set(state.get("pruned_blocks", []))
         self.transposed = set(state.get("transposed", []))
+        self.skipped = dict(state.get("skipped", {}))
         rank_zero_info(f"resuming after {len(self.report)} pruned layers")

@@ -9,10 +9,12 @@ magnitude pruning in real models.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +24,7 @@ __all__ = [
     "best_time",
     "correlated_features",
     "markdown_table",
+    "recipe",
     "round_to_multiple",
     "set_threads",
 ]
@@ -60,6 +63,21 @@ def correlated_features(
     noise = torch.randn(n, d_in, **kw)
     scales = torch.exp(spec.scale_sigma * torch.randn(d_in, **kw))
     return (factors @ loading + spec.noise * noise) * scales
+
+
+def recipe(name: str, **overrides: Any) -> dict[str, Any]:
+    """The named solver recipe of ``prox24_lightning.solvers.layer.RECIPES`` as keyword arguments
+    for ``prune_weight``, with ``overrides`` applied.
+
+    ``RECIPES`` values are plain dicts or ``SolverConfig`` dataclasses depending on the library
+    version; both become a fresh dict, so callers can never mutate the shared recipe.
+    """
+    from prox24_lightning.solvers.layer import RECIPES
+
+    value = RECIPES[name]
+    kwargs = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+    kwargs.update(overrides)
+    return kwargs
 
 
 def round_to_multiple(x: float, multiple: int = 4) -> int:

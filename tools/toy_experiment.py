@@ -34,16 +34,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import FeatureSpec, correlated_features, markdown_table, set_threads
+from _common import FeatureSpec, correlated_features, markdown_table, recipe, set_threads
 from torch import Tensor
 
 from prox24_lightning.solvers import prune_weight
-from prox24_lightning.solvers.layer import RECIPES
 
-__all__ = ["D_IN", "METHOD_SPECS", "all_masks", "mask_index", "refit_losses", "run_toy", "main"]
+__all__ = [
+    "D_IN",
+    "METHOD_SPECS",
+    "all_masks",
+    "combine",
+    "format_table",
+    "main",
+    "make_problem",
+    "mask_index",
+    "plot",
+    "refit_losses",
+    "refit_weights",
+    "run_toy",
+]
 
 D_IN = 16
-N_GROUPS = D_IN // 4
 _PAIRS: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(4), 2))
 
 #: ``name -> (prune_weight method, kwargs of the refined run)``. The unrefined run uses the same
@@ -52,9 +63,9 @@ METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "magnitude": ("magnitude", dict(refine="gd", refine_steps=1000)),
     "wanda": ("wanda", dict(refine="gd", refine_steps=1000)),
     "sparsegpt": ("sparsegpt", dict(refine="gd", refine_steps=1000)),
-    "prox (paper)": ("prox", dict(RECIPES["paper"])),
-    "prox (paper, momentum 0.9)": ("prox", dict(RECIPES["paper"], momentum=0.9)),
-    "prox (fast recipe)": ("prox", dict(RECIPES["fast"])),
+    "prox (paper)": ("prox", recipe("paper")),
+    "prox (paper, momentum 0.9)": ("prox", recipe("paper", momentum=0.9)),
+    "prox (fast recipe)": ("prox", recipe("fast")),
 }
 
 
@@ -235,10 +246,22 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
             mean_excess_raw_pct=float(torch.tensor(cat["excess_raw_pct"]).mean()),
             mean_excess_refined_pct=float(torch.tensor(cat["excess_refined_pct"]).mean()),
             iterations_to_2of4=max(p["iterations_to_2of4"] for p in per),
+            iterations_range=(
+                min(p["iterations_to_2of4"] for p in per),
+                max(p["iterations_to_2of4"] for p in per),
+            ),
             refine=per[0]["refine"],
             seconds=sum(p["seconds"] for p in per),
         )
     return pooled
+
+
+def _iters(m: dict[str, Any]) -> str:
+    """Prox iterations to 2:4; a min-max range when several seeds are pooled."""
+    if not m["iterations_to_2of4"]:
+        return "-"
+    lo, hi = m.get("iterations_range", (m["iterations_to_2of4"],) * 2)
+    return str(hi) if lo == hi else f"{lo}-{hi}"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -267,7 +290,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{m['mean_excess_raw_pct']:.3g}%",
                 f"{m['mean_excess_refined_pct']:.3g}%",
                 m["refine"],
-                str(m["iterations_to_2of4"]) if m["iterations_to_2of4"] else "-",
+                _iters(m),
                 f"{m['seconds']:.1f}",
             ]
         )

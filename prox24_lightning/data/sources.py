@@ -86,6 +86,7 @@ __all__ = [
     "max_positions_from_config",
     "sample_packed",
     "sample_random_windows",
+    "source_provenance",
     "to_source",
     "tokenizer_fingerprint",
     "wiki_offline_path",
@@ -772,6 +773,44 @@ def _source_fingerprint(source: TextSource) -> dict[str, Any]:
         return {"spec": spec, "hub": True}
     # Local content, not the path, decides validity: an edited file invalidates the entry.
     return {"spec": spec, "files": [_file_fingerprint(f) for f in _local_files(source)]}
+
+
+def source_provenance(source: TextSource | Mapping[str, Any] | str) -> dict[str, Any]:
+    """What a run report needs to reproduce the data of ``source``.
+
+    Args:
+        source: The source spec.
+
+    Returns:
+        ``{"spec": ..., "files": [{"path", "size", "sha256"}, ...]}`` for local files (the full
+        SHA-256 of every file, whatever its size), or ``{"spec": ..., "hub": {...}}`` with the
+        dataset id and file for hub sources.
+    """
+    source = to_source(source)
+    spec = asdict(source)
+    if source.path is None and source.name in _HUB_NAMES:
+        if source.name == "wikitext2":
+            hub = {
+                "id": WIKITEXT_HUB_ID,
+                "config": WIKITEXT2_CONFIG,
+                "split": source.split or "test",
+            }
+        else:
+            hub = {
+                "id": C4_HUB_ID,
+                "file": C4_TRAIN_FILE if source.name == "c4" else C4_VALIDATION_FILE,
+            }
+        return {"spec": spec, "hub": hub}
+    files = []
+    for f in _local_files(source):
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(2**20), b""):
+                digest.update(chunk)
+        files.append(
+            {"path": str(f.resolve()), "size": f.stat().st_size, "sha256": digest.hexdigest()}
+        )
+    return {"spec": spec, "files": files}
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -46,6 +46,11 @@ class SolverConfig:
         refine: ``"gd"`` (the paper's masked gradient, step ``1/L``) or ``"cg"`` (conjugate
             gradients on the fixed support: same limit, the per-row refit, in far fewer GEMMs).
         lambda0: first lambda of the prox schedule (paper: 0.01; 1e-3 for 70B).
+        lambda_scale: ``absolute`` uses ``lambda0`` as given (the paper); ``rms`` divides it by the
+            RMS of the layer's normalised weights. ``r`` is cubic, so ``prox_{c lam r}(c z) =
+            c prox_{lam c r}(z)``: only ``lambda * scale`` matters, and with ``rms`` every layer
+            starts at the same point of its own path (layers with small normalised weights no
+            longer need hundreds of extra iterations).
         beta: geometric growth of lambda per prox iteration (paper: 1.01; 1.005 for 70B).
         momentum: extrapolation in the prox phase; 0 is the paper's plain proximal gradient.
         max_prox_steps: cap on prox iterations (then forced to 2:4 by magnitude, reported).
@@ -59,6 +64,7 @@ class SolverConfig:
     refine_steps: int | None = None
     refine: Literal["gd", "cg"] = "gd"
     lambda0: float = 0.01
+    lambda_scale: Literal["absolute", "rms"] = "absolute"
     beta: float = 1.01
     momentum: float = 0.0
     max_prox_steps: int = 20000
@@ -204,10 +210,14 @@ class LayerSolve:
     def param_group(self, name: str) -> dict[str, Any]:
         """A param group for :class:`Prox24` holding this layer's working weight."""
         c = self.config
+        lambda0 = c.lambda0
+        if c.lambda_scale == "rms":
+            rms = float(self.problem.target.square().mean().sqrt())
+            lambda0 = c.lambda0 / max(rms, 1e-12)
         return dict(
             params=[self.work],
             name=name,
-            lambda0=c.lambda0,
+            lambda0=lambda0,
             beta=c.beta,
             momentum=c.momentum,
             refine=c.refine,
