@@ -110,11 +110,20 @@ def _check_main(argv: list[str]) -> int:
 
 
 def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
-    """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``."""
-    from .pruner import BlockwisePruner
+    """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``.
+
+    ``model`` is any LightningModule given by class path: ``BlockwisePruner`` prunes,
+    ``MaskedFinetuner`` finetunes an export with its masks held fixed. Both are imported here so
+    the short names ``--model BlockwisePruner`` / ``--model MaskedFinetuner`` resolve.
+    """
+    import lightning as L
+
+    from . import strategies  # noqa: F401  (registers trainer.strategy: blockwise_ddp)
+    from .finetune import MaskedFinetuner  # noqa: F401  (registers the short name)
+    from .pruner import BlockwisePruner  # noqa: F401
 
     return Prox24CLI(
-        BlockwisePruner,
+        L.LightningModule,
         PruningDataModule,
         subclass_mode_model=True,
         auto_configure_optimizers=False,

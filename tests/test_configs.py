@@ -23,8 +23,12 @@ def test_config_parses(path, capsys):
         cli_main(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["method"] in {"prox", "wanda", "sparsegpt", "magnitude"}
-    assert printed["model"]["class_path"].endswith("BlockwisePruner")
+    model = printed["model"]
+    if model["class_path"].endswith("BlockwisePruner"):
+        assert model["init_args"]["method"] in {"prox", "wanda", "sparsegpt", "magnitude"}
+    else:
+        assert model["class_path"].endswith("MaskedFinetuner")
+        assert model["init_args"]["model_name_or_path"]
 
 
 def test_help_lists_subcommands(capsys):
