@@ -74,12 +74,12 @@ class Prox24CLI(LightningCLI):
         mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
         ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
         if mode in ("before", "both") and ckpt is None:
-            self._evaluate("dense")
+            self._evaluate(getattr(self.model, "eval_labels", ("dense", "pruned"))[0])
 
     def after_fit(self) -> None:
         mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
         if mode in ("after", "both"):
-            self._evaluate("pruned")
+            self._evaluate(getattr(self.model, "eval_labels", ("dense", "pruned"))[1])
         for cb in self.trainer.callbacks:
             if isinstance(cb, ExportPruned) and self.trainer.is_global_zero:
                 cb.update_report(perplexity=self._metrics)

@@ -566,7 +566,7 @@ class ExportFinetuned(ExportPruned):
                 transposed=pl_module.transposed,
                 method=pl_module.method,
             )
-            self.report = build_finetune_report(trainer, pl_module)
+            self.report = build_finetune_report(trainer, pl_module, config=self.run_config)
             write_json(tmp / "sparsity_report.json", self.report)
             result = check_export(tmp)
             if not result.ok:
@@ -575,8 +575,16 @@ class ExportFinetuned(ExportPruned):
 
 
 @torch.no_grad()
-def build_finetune_report(trainer: L.Trainer, pl_module: MaskedFinetuner) -> dict[str, Any]:
-    """Per masked layer: shape, sparsity, 2:4, relative change vs the source export."""
+def build_finetune_report(
+    trainer: L.Trainer, pl_module: MaskedFinetuner, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Per masked layer: shape, sparsity, 2:4, relative change vs the source export.
+
+    Args:
+        trainer: The finished Trainer (step count, last training loss, data settings).
+        pl_module: The finetuner, after :meth:`MaskedFinetuner.export_model`.
+        config: The run's full config (the CLI sets it on the callback), recorded as is.
+    """
     source = _SourceWeights(pl_module.model_name_or_path)
     layers: dict[str, Any] = {}
     for name, (weight, _) in pl_module.masked_weights().items():
@@ -613,6 +621,7 @@ def build_finetune_report(trainer: L.Trainer, pl_module: MaskedFinetuner) -> dic
         "masks": pl_module.masks_path,
         "method": pl_module.method,
         "hparams": hparams,
+        "config": config,
         "data": data,
         "versions": library_versions(),
         "training": {
