@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .artifacts import atomic_dir, check_export, load_masks_with_layout, save_masks, write_json
 from .callbacks import ExportPruned, library_versions
-from .metrics import Perplexity
+from .evaluation import PerplexityEvaluation
 from .models.hf import get_weight_matrix, is_conv1d, load_causal_lm
 
 __all__ = [
@@ -83,7 +83,7 @@ class MaskMismatchError(ValueError):
     """The mask file does not fit the model (missing layer, wrong shape or layout, other weights)."""
 
 
-class MaskedFinetuner(L.LightningModule):
+class MaskedFinetuner(PerplexityEvaluation, L.LightningModule):
     """Finetune a 2:4 export on the causal-LM loss while its masks stay fixed.
 
     Attach :class:`EnforceMask` (keeps pruned weights at ``+0.0``) and :class:`ExportFinetuned`
@@ -264,31 +264,6 @@ class MaskedFinetuner(L.LightningModule):
         loss = out.loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=ids.shape[0])
         return loss
-
-    # ------------------------------------------------------------------------ evaluation
-    def _metric(self, name: str) -> Perplexity:
-        if name not in self._perplexity:
-            self._perplexity[name] = Perplexity().to(self.device)
-        return self._perplexity[name]  # type: ignore[return-value]
-
-    def _eval_name(self, dataloader_idx: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "val_names", None)
-        return names[dataloader_idx] if names else f"set{dataloader_idx}"
-
-    def validation_step(
-        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        assert self.lm is not None
-        ids = batch["input_ids"]
-        logits = self.lm(input_ids=ids, use_cache=False).logits
-        name = self._eval_name(dataloader_idx)
-        metric = self._metric(name)
-        metric.update(logits, ids)
-        self.log(f"val/{name}_ppl", metric, add_dataloader_idx=False, on_epoch=True)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        return self.validation_step(batch, batch_idx, dataloader_idx)
 
     # ---------------------------------------------------------------------------- export
     @torch.no_grad()

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from .calibration import GramCollector
 from .callbacks import install_atomic_checkpoint_io
 from .data.sources import check_seqlen
+from .evaluation import PerplexityEvaluation
 from .faults import maybe_fail
-from .metrics import Perplexity
 from .models.hf import (
     block_kwargs_to,
     capture_block_inputs,
@@ -54,7 +54,7 @@ from .solvers.layer import METHODS, LayerSolve, PruneResult, SolverConfig
 __all__ = ["BlockwisePruner"]
 
 
-class BlockwisePruner(L.LightningModule):
+class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
     """Prune every linear layer of a Hugging Face causal LM to 2:4, one block per epoch.
 
     Choose the method with ``method`` (the single switch): ``prox`` (Kübler et al.), ``wanda``,
@@ -516,29 +516,6 @@ class BlockwisePruner(L.LightningModule):
             pbar.set_postfix(
                 active=len(active), prox=len(prox), lam=f"{lam:.3g}", frac_2of4=f"{frac:.4f}"
             )
-
-    # ------------------------------------------------------------------------ evaluation
-    def _metric(self, name: str) -> Perplexity:
-        if name not in self._perplexity:
-            self._perplexity[name] = Perplexity().to(self.device)
-        return self._perplexity[name]  # type: ignore[return-value]
-
-    def _eval_name(self, dataloader_idx: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "val_names", None)
-        return names[dataloader_idx] if names else f"set{dataloader_idx}"
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
-        assert self.lm is not None
-        ids = batch["input_ids"]
-        logits = self.lm(input_ids=ids, use_cache=False).logits
-        name = self._eval_name(dataloader_idx)
-        metric = self._metric(name)
-        metric.update(logits, ids)
-        self.log(f"val/{name}_ppl", metric, add_dataloader_idx=False, on_epoch=True)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
-        return self.validation_step(batch, batch_idx, dataloader_idx)
 
     # ------------------------------------------------------------------------ checkpoints
     @property
