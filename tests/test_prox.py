@@ -157,3 +157,27 @@ def test_prox_shapes_tau_per_row_and_errors():
         prox_2of4(torch.zeros(3, 8), -1.0)
     assert is_2of4(prox_2of4(w, 1e3))
     assert group_view(w).shape == (3, 5, 4, 4)
+
+
+def test_screened_candidates_add_nothing():
+    """The bound screening only skips supports whose smallest entry is zero at the optimum."""
+    from prox24_lightning.ops.prox import _candidates_needed, _minimise_support
+
+    z, tau = _random_groups(6000, seed=6)
+    mag = z.abs().sort(dim=-1, descending=True).values
+    t = tau.squeeze(-1)
+    need3, need4 = _candidates_needed(mag, t)
+    assert 0 < int(need4.sum()) < int((mag[:, 3] > 0).sum())  # the screen does screen
+    tol = 4.0 * torch.finfo(mag.dtype).eps ** 0.5
+    for size, need in ((3, need3), (4, need4)):
+        skipped = ~need & (mag[:, size - 1] > 0)
+        cand = _minimise_support(mag[skipped], t[skipped], size, 200, tol)
+        # The support's own minimiser puts its smallest entry at zero (up to the sweep tolerance).
+        assert float(cand[:, size - 1].max()) <= 1e-6
+
+
+def test_chunked_prox_equals_one_pass():
+    z, tau = _random_groups(3000, seed=7, dtype=torch.float32)
+    w = z.reshape(100, 120)
+    t = tau.reshape(100, 30)[:, :1]
+    assert torch.equal(prox_2of4(w, t, chunk_groups=7), prox_2of4(w, t, chunk_groups=1 << 20))

@@ -31,6 +31,7 @@ from torch import Tensor
 __all__ = ["prox_2of4", "reg_2of4", "group_view", "prox_objective"]
 
 _CHECK_EVERY = 4
+_CPU_CHUNK_GROUPS = 1 << 18
 
 
 def group_view(w: Tensor) -> Tensor:
@@ -211,32 +212,76 @@ def _minimise_support(
             scale = scale[keep]
 
 
+def _e2(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``ab + ac + bc``."""
+    return torch.addcmul(b * c, a, b + c)
+
+
+def _candidates_needed(z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """Which groups can have a 3-support / 4-support candidate better than the top 2.
+
+    Screening by bounds that hold at every KKT point ``w`` of a support's problem: ``w_j <= z_j``
+    (the regularizer only shrinks), hence ``w_i >= lb_i = max(0, z_i - tau e2(z_{-i}))``, hence
+    the smallest kept entry obeys ``w_s <= z_s - tau e2(lb_{-s})``. Where that bound is ``<= 0``
+    the smallest entry is zero at every KKT point, so the support's minimum lies on the smaller
+    support and its candidate adds nothing (3-support: the top 2; 4-support: the 3-support
+    problem). Late in Algorithm 2 most groups are screened out this way.
+    """
+    z1, z2, z3, z4 = z.unbind(-1)
+    # 3-support (w4 = 0): lb_i = max(0, z_i - tau * product of the other two kept entries).
+    lb1 = torch.clamp_min(z1 - tau * z2 * z3, 0.0)
+    lb2 = torch.clamp_min(z2 - tau * z1 * z3, 0.0)
+    need3 = z3 > tau * lb1 * lb2
+    # 4-support: lb_i = max(0, z_i - tau * e2 of the other three).
+    lb1 = torch.clamp_min(z1 - tau * _e2(z2, z3, z4), 0.0)
+    lb2 = torch.clamp_min(z2 - tau * _e2(z1, z3, z4), 0.0)
+    lb3 = torch.clamp_min(z3 - tau * _e2(z1, z2, z4), 0.0)
+    need4 = z4 > tau * _e2(lb1, lb2, lb3)
+    return need3, need4
+
+
 def _prox_sorted(z: Tensor, tau: Tensor, max_sweeps: int, tol: float) -> Tensor:
     """Prox on ``[n, 4]`` rows sorted decreasing, non-negative; returns ``[n, 4]`` in sorted order."""
-    n = z.shape[0]
     best = z.clone()
     best[:, 2:] = 0.0
-    # Groups with at most two non-zeros are fixed points (r(z) = 0), so only z3 > 0 needs work.
-    work = (z[:, 2] > 0).nonzero().squeeze(1)
-    if work.numel() == 0 or n == 0:
+    if z.shape[0] == 0:
         return best
-    zw, tw = z[work], tau[work]
-    best_w = best[work]
-    best_f = 0.5 * zw[:, 2:].square().sum(-1)
-    for size in (3, 4):
+    # Groups with at most two non-zeros are fixed points (r(z) = 0): z3 = 0 is never "needed".
+    need3, need4 = _candidates_needed(z, tau)
+    best_f = 0.5 * z[:, 2:].square().sum(-1)
+    for size, need in ((3, need3), (4, need4)):
+        work = need.nonzero().squeeze(1)
+        if work.numel() == 0:
+            continue
+        zw, tw = z[work], tau[work]
         cand = _minimise_support(zw, tw, size, max_sweeps, tol)
         reg = _triple_sum(cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3])
         f = 0.5 * (cand - zw).square().sum(-1) + tw * reg
-        better = f < best_f
-        best_w = torch.where(better[:, None], cand, best_w)
-        best_f = torch.where(better, f, best_f)
-    best[work] = best_w
+        better = f < best_f[work]
+        sel = work[better]
+        best[sel] = cand[better]
+        best_f[sel] = f[better]
     return best
+
+
+def _prox_chunk(flat: Tensor, tau: Tensor, out: Tensor, max_sweeps: int, tol: float) -> None:
+    """Prox of ``[n, 4]`` groups written into ``out`` (sort, solve sorted, un-sort, re-sign)."""
+    mag, order = flat.abs().sort(dim=-1, descending=True, stable=True)
+    sol_sorted = _prox_sorted(mag, tau, max_sweeps, tol)
+    out.scatter_(-1, order, sol_sorted)
+    # Re-apply signs; ``+ 0.0`` turns the -0.0 that copysign gives pruned negative entries into +0.0.
+    torch.copysign(out, flat, out=out)
+    out.add_(0.0)
 
 
 @torch.no_grad()
 def prox_2of4(
-    w: Tensor, tau: Tensor | float, *, max_sweeps: int = 200, tol: float | None = None
+    w: Tensor,
+    tau: Tensor | float,
+    *,
+    max_sweeps: int = 200,
+    tol: float | None = None,
+    chunk_groups: int | None = None,
 ) -> Tensor:
     """Exact proximal operator of ``tau * r`` applied to every group of 4 along the last dim.
 
@@ -247,6 +292,7 @@ def prox_2of4(
             coordinate sweeps).
         tol: convergence tolerance of a sweep, relative to ``1 + z1``; defaults to ``4 * sqrt(eps)``
             of the dtype (objective error is quadratic in it).
+        chunk_groups: groups solved per pass (default: 2^18 on CPU, all at once elsewhere).
 
     Returns:
         The global minimiser of ``0.5 ||x - w||^2 + tau * r(x)`` for every group, same shape and
@@ -261,9 +307,13 @@ def prox_2of4(
     if tol is None:
         tol = 4.0 * torch.finfo(w.dtype).eps ** 0.5
     flat = groups.reshape(-1, 4)
-    mag, order = flat.abs().sort(dim=-1, descending=True, stable=True)
-    sol_sorted = _prox_sorted(mag, tau_g.reshape(-1).contiguous(), max_sweeps, tol)
-    sol = torch.empty_like(sol_sorted).scatter_(-1, order, sol_sorted)
-    # Re-apply signs without ever producing -0.0.
-    out = torch.where(sol > 0, torch.where(flat < 0, -sol, sol), torch.zeros_like(sol))
+    taus = tau_g.reshape(-1)
+    out = torch.empty_like(flat)
+    n = flat.shape[0]
+    # On CPU, chunks that stay in cache are ~1.5x faster than whole-matrix passes; a GPU wants
+    # the whole matrix at once.
+    chunk = chunk_groups or (_CPU_CHUNK_GROUPS if flat.device.type == "cpu" else max(n, 1))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        _prox_chunk(flat[sl], taus[sl].contiguous(), out[sl], max_sweeps, tol)
     return out.reshape(w.shape)
