@@ -2,7 +2,9 @@
 
 Runs the real CLI twice with configs/demo.yaml (prox, then ``--model.init_args.method wanda``),
 each scoring the dense model before and the pruned one after on the held-out Wikipedia half,
-and prints a summary table with wall times. Exports land in outputs/demo/{prox,wanda}/export.
+and prints a summary table with wall times. Both runs use the config's solver, so Wanda is
+followed by the same conjugate-gradient refinement as prox ("Wanda+GD", the fair comparison).
+Exports land in outputs/demo/{prox,wanda}/export. ``tools/compare.py`` runs every variant.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ def main() -> None:
     for k, v in dense.items():
         print(f"| dense | {v:.3f} ({k}) | |")
     for method, report, seconds in rows:
+        solver = report.get("hparams", {}).get("solver", {})
+        label = f"{method}+GD ({solver.get('refine')} x{solver.get('refine_steps')})"
         for k, v in report.get("perplexity", {}).get("pruned", {}).items():
-            print(f"| {method} | {v:.3f} ({k}) | {seconds:.0f} s |")
+            print(f"| {label} | {v:.3f} ({k}) | {seconds:.0f} s |")
 
 
 if __name__ == "__main__":
