@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,8 @@ class ExportPruned(L.Callback):
     The folder holds dense weights with exact ``+0.0`` zeros (loads anywhere as a normal model;
     nothing 2:4-specific is written into ``config.json``), ``masks.safetensors`` (bit-packed) and
     ``sparsity_report.json`` (per layer: sparsity, is-2:4, iterations, lambda, local losses,
-    seconds; plus the run's config and library versions). It is written to a temporary folder
+    seconds, for prox the prox phase's ``trace`` of ``[step, lambda, frac_2of4]`` rows; plus the
+    run's config and library versions). It is written to a temporary folder
     and renamed, then verified with :func:`~prox24_lightning.artifacts.check_export`.
 
     Args:
@@ -271,6 +273,9 @@ class ExportPruned(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._root = Path(trainer.default_root_dir)
+        listeners = getattr(pl_module, "block_pruned_listeners", None)
+        if listeners is not None and not any(getattr(f, "_prox24_trace", False) for f in listeners):
+            listeners.append(_trace_listener(pl_module))
         # Refuse before hours of work, not after: an existing export is never silently replaced.
         if stage == "fit" and not self.overwrite and self.dirpath.exists():
             if trainer.ckpt_path is None and any(self.dirpath.iterdir()):
@@ -299,8 +304,11 @@ class ExportPruned(L.Callback):
         if missing:
             raise RuntimeError(f"no masks for pruned layers {missing[:3]}...; cannot export")
         self.report = build_report(trainer, pl_module, config=self.run_config)
+        # An offloaded model holds meta placeholders; ``full_model`` puts its real weights back.
+        full_model = getattr(pl_module, "full_model", None)
         with atomic_dir(self.dirpath, overwrite=True) as tmp:
-            lm.save_pretrained(tmp, safe_serialization=True)
+            with full_model() if callable(full_model) else nullcontext():
+                lm.save_pretrained(tmp, safe_serialization=True)
             if pl_module.tokenizer is not None:
                 pl_module.tokenizer.save_pretrained(tmp)
             save_masks(
@@ -327,6 +335,25 @@ class ExportPruned(L.Callback):
         report.update(fields)
         write_json(path, report)
         self.report = report
+
+
+def _trace_listener(pl_module: Any) -> Any:
+    """A ``block_pruned_listeners`` entry that copies each prox layer's prox-phase trace
+    (``PruneStats.extra["trace"]``: ``[step, lambda, frac_2of4]`` rows) into the pruner's
+    per-layer report, so ``sparsity_report.json`` has ``layers[<name>]["trace"]``. The report is
+    checkpointed by the pruner, so the traces survive ``--ckpt_path last``."""
+
+    def record_traces(block: int, results: dict[str, Any]) -> None:
+        report = getattr(pl_module, "report", None)
+        if not isinstance(report, dict):
+            return
+        for name, result in results.items():
+            trace = getattr(getattr(result, "stats", None), "extra", {}).get("trace")
+            if trace and isinstance(report.get(name), dict):
+                report[name].setdefault("trace", [list(row) for row in trace])
+
+    record_traces._prox24_trace = True  # type: ignore[attr-defined]
+    return record_traces
 
 
 _DATA_KEYS = (
@@ -423,6 +450,7 @@ def build_report(
             "layers_with_dead_features": sorted(n for n, d in dead.items() if d),
             "forced_2of4": sorted(n for n, v in layers.items() if v.get("forced_2of4")),
             "skipped_layers": skipped,
+            "solves_per_rank": list(getattr(pl_module, "solves_per_rank", []) or []),
         },
         "layers": layers,
     }

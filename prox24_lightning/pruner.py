@@ -13,15 +13,28 @@ One ``Trainer.fit`` walks the blocks: epoch ``k`` is block ``k`` (a "stage").
 
 Resume, progress, logging and callbacks (mask checkpoints, export) come from Lightning: a run
 resumed with ``--ckpt_path last`` continues at the next block with identical results.
+
+``offload=True`` is for models larger than the accelerator. The model stays in host memory, out of
+the module's registered submodules (so Lightning never moves or casts it), as an
+:class:`~prox24_lightning.models.hf.OffloadedModel`: ``meta`` placeholders in the module tree,
+real tensors in a CPU store. Each epoch onloads only its block (the embeddings only while the
+first block's inputs are captured), activations wait on the CPU and stream through the device
+batch by batch, and validation runs block by block too.
+
+Under ``blockwise_ddp`` every rank calibrates on its shard, the Grams are summed, and the layer
+solves of a block are spread over the ranks (:func:`~prox24_lightning.strategies.assign_layers`);
+each solved weight and mask is broadcast from its owner, so all ranks end with the same model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any, Literal
 
 import lightning as L
@@ -36,6 +49,9 @@ from .data.sources import check_seqlen
 from .evaluation import PerplexityEvaluation
 from .faults import maybe_fail
 from .models.hf import (
+    EMBED,
+    REST,
+    OffloadedModel,
     block_kwargs_to,
     capture_block_inputs,
     find_blocks,
@@ -50,6 +66,7 @@ from .models.hf import (
 )
 from .optim.prox24 import Prox24
 from .solvers.layer import METHODS, LayerSolve, PruneResult, SolverConfig
+from .strategies import all_gather_objects, assign_layers, broadcast_
 
 __all__ = ["BlockwisePruner"]
 
@@ -79,6 +96,10 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
             re-collects each group of layers (grouped by shared input, in forward order) after
             the previous groups were pruned.
         offload_activations: keep the cached block inputs on CPU between blocks.
+        offload: keep the whole model in host memory and put one block at a time (or the
+            embeddings, or the head) on the accelerator, for models that do not fit on it;
+            implies ``offload_activations``. Results are identical to ``offload: false``, and a
+            run may be resumed with the other setting.
         progress_every: solver iterations between progress updates.
     """
 
@@ -97,6 +118,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         propagation: Literal["pruned", "dense"] = "pruned",
         sequential: Literal["block", "true_sequential"] = "block",
         offload_activations: bool = False,
+        offload: bool = False,
         progress_every: int = 50,
     ) -> None:
         super().__init__()
@@ -131,6 +153,12 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self._layers: dict[str, nn.Module] = {}
         self._idle = torch.zeros(1)
         self._perplexity = nn.ModuleDict()
+        self._offload: OffloadedModel | None = None
+        #: the onloaded block of the running stage (offload mode), closed when the stage ends.
+        self._stage: ExitStack | None = None
+        #: layer solves run by each rank so far (index = global rank); without DDP, one entry.
+        self.solves_per_rank: list[int] = []
+        self._local_solves = 0
 
     # ------------------------------------------------------------------------------ model
     @property
@@ -140,14 +168,17 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
 
     def configure_model(self) -> None:
         if self.lm is None:
-            lm, tok = load_causal_lm(
-                self.model_name_or_path,
-                dtype=self.dtype_name,
-                revision=self.hparams.revision,
-                gguf_file=self.hparams.gguf_file,
-                trust_remote_code=self.hparams.trust_remote_code,
-                cache_dir=True,
-            )
+            # Lightning calls this hook inside ``with <accelerator>``; an offloaded model must
+            # be created in host memory, never on the accelerator.
+            with torch.device("cpu") if self.hparams.offload else nullcontext():
+                lm, tok = load_causal_lm(
+                    self.model_name_or_path,
+                    dtype=self.dtype_name,
+                    revision=self.hparams.revision,
+                    gguf_file=self.hparams.gguf_file,
+                    trust_remote_code=self.hparams.trust_remote_code,
+                    cache_dir=True,
+                )
             lm.requires_grad_(False)
             self.set_model(lm, tok)
         self._check_seqlen()
@@ -169,9 +200,45 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         """Use an already loaded model (tests, notebooks) instead of loading by name."""
         lm.requires_grad_(False)
         lm.eval()
-        self.lm = lm
         self.tokenizer = tokenizer
-        self._blocks = find_blocks(lm)
+        if not self.hparams.offload:
+            self.lm = lm
+            self._blocks = find_blocks(lm)
+            return
+        if self._trainer is not None:
+            # What Lightning does to registered modules (``bf16-true`` casts the weights), done
+            # here in host memory since the offloaded model is not registered.
+            lm = self.trainer.precision_plugin.convert_module(lm)
+        # A plain attribute, not a submodule: Lightning must neither move the model to the
+        # device nor save it in ``state_dict`` (on_save_checkpoint keeps the pruned weights).
+        object.__setattr__(self, "lm", lm)
+        self._offload = OffloadedModel(lm, storage="cpu")
+        self._blocks = self._offload.blocks
+
+    @property
+    def offloaded(self) -> OffloadedModel | None:
+        """The offloaded model (``offload=True``), else ``None``."""
+        return self._offload
+
+    @contextmanager
+    def full_model(self) -> Iterator[nn.Module]:
+        """The whole model with real tensors, for export: in offload mode on the CPU, no copy."""
+        assert self.lm is not None
+        with self._offload.materialized() if self._offload else nullcontext():
+            yield self.lm
+
+    @contextmanager
+    def _onloaded(
+        self, parts: str | list[str], *, storage: bool = False, writeback: bool = False
+    ) -> Iterator[None]:
+        """Offload mode: ``parts`` on the compute device (on the CPU store with ``storage``,
+        which copies nothing) for a ``with`` block. Without offload the model is all there."""
+        if self._offload is None:
+            yield
+            return
+        device = self._offload.storage if storage else self.device
+        with self._offload.onload(parts, device, writeback=writeback):
+            yield
 
     @property
     def blocks(self) -> list[tuple[str, nn.Module]]:
@@ -206,38 +273,45 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         """Fail fast, before calibration: every block has linear layers, indivisible ones are
         refused or skipped per ``on_indivisible``, and no targeted weight holds NaN or Inf."""
         for k, (bname, _) in enumerate(self.blocks):
-            for lname, module in self.targeted_layers(k).items():
-                if not bool(torch.isfinite(get_weight_matrix(module)).all()):
-                    raise FloatingPointError(
-                        f"NaN or Inf in the weights of layer {lname} (block {k}, {bname}); "
-                        "fix the checkpoint before pruning"
-                    )
+            with self._onloaded(bname, storage=True):
+                for lname, module in self.targeted_layers(k).items():
+                    if not bool(torch.isfinite(get_weight_matrix(module)).all()):
+                        raise FloatingPointError(
+                            f"NaN or Inf in the weights of layer {lname} (block {k}, {bname}); "
+                            "fix the checkpoint before pruning"
+                        )
 
     def check_masks(self, masks: dict[str, Tensor], source: str) -> None:
         """Refuse masks that do not belong to this model: unknown layer, wrong shape, not 2:4,
         or (for layers already pruned) weights outside the mask."""
         layers: dict[str, nn.Module] = {}
+        block_of: dict[str, str] = {}
         for bname, block in self.blocks:
-            layers.update(find_linear_layers(block, prefix=bname))
+            for lname, module in find_linear_layers(block, prefix=bname).items():
+                layers[lname], block_of[lname] = module, bname
         for name, mask in masks.items():
             if name not in layers:
                 raise ValueError(
                     f"{source}: mask for {name!r}, which is not a linear layer of "
                     f"{self.model_name_or_path} (masks from another model?)"
                 )
-            w = get_weight_matrix(layers[name])
-            if tuple(mask.shape) != tuple(w.shape):
-                raise ValueError(
-                    f"{source}: mask for {name} has shape {tuple(mask.shape)} but the layer's "
-                    f"[out, in] weight has shape {tuple(w.shape)} (masks from another model?)"
-                )
-            if bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) != 2).any()):
-                raise ValueError(f"{source}: mask for {name} does not keep exactly 2 of every 4")
-            if name in self.report and bool(((w != 0) & ~mask.to(w.device)).any()):
-                raise ValueError(
-                    f"{source}: mask for {name} disagrees with the pruned weights "
-                    "(non-zero weights outside the mask)"
-                )
+            with self._onloaded(block_of[name], storage=True):
+                self._check_mask(name, mask, layers[name], source)
+
+    def _check_mask(self, name: str, mask: Tensor, layer: nn.Module, source: str) -> None:
+        w = get_weight_matrix(layer)
+        if tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(
+                f"{source}: mask for {name} has shape {tuple(mask.shape)} but the layer's "
+                f"[out, in] weight has shape {tuple(w.shape)} (masks from another model?)"
+            )
+        if bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) != 2).any()):
+            raise ValueError(f"{source}: mask for {name} does not keep exactly 2 of every 4")
+        if name in self.report and bool(((w != 0) & ~mask.to(w.device)).any()):
+            raise ValueError(
+                f"{source}: mask for {name} disagrees with the pruned weights "
+                "(non-zero weights outside the mask)"
+            )
 
     # ------------------------------------------------------------------- optimizer / fit
     def setup(self, stage: str) -> None:
@@ -287,10 +361,32 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         if k >= self.num_blocks:
             self.trainer.should_stop = True
             return
+        self._stage_start = time.perf_counter()
+        if self._offload is not None:
+            if self._inputs_block != k:
+                self._rebuild_inputs(k)
+            # Block k stays on the device for the whole stage: calibration, solves, propagation.
+            self._stage = ExitStack()
+            self._stage.enter_context(self._onloaded(self.blocks[k][0], writeback=True))
         self._layers = self.targeted_layers(k)
         self._collector = GramCollector(self._layers)
         self._next_inputs = {}
-        self._stage_start = time.perf_counter()
+
+    def _close_stage(self, error: BaseException | None = None) -> None:
+        """Offload mode: write the (pruned) block back to the CPU store and release the device
+        copy; after an error, release it without writing back."""
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            if error is None:
+                stage.close()
+            else:
+                stage.__exit__(type(error), error, error.__traceback__)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close_stage(exception)
+
+    def teardown(self, stage: str) -> None:
+        self._close_stage()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         k = self.current_epoch
@@ -330,7 +426,8 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
 
     # --------------------------------------------------------------------- activations
     def _cache_device(self) -> torch.device:
-        return torch.device("cpu") if self.hparams.offload_activations else self.device
+        offload = self.hparams.offload_activations or self.hparams.offload
+        return torch.device("cpu") if offload else self.device
 
     def _store_next(self, batch_idx: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
         dev = self._cache_device()
@@ -345,11 +442,12 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         # Block 0, or a resumed run: capture the first block's inputs and replay the blocks
         # already pruned (the cache is derived state and never checkpointed).
         assert self.lm is not None
-        if k > 0 and self.hparams.propagation == "dense":
+        if self._offload is not None:
             raise RuntimeError(
-                "resuming with propagation='dense' would need the dense weights of the blocks "
-                "already pruned; rerun from the start or use propagation='pruned'"
+                f"no cached inputs for calibration batch {batch_idx} of block {k}: offload mode "
+                "needs the whole epoch (limit_train_batches and the like must not skip batches)"
             )
+        self._refuse_dense_resume(k)
         with torch.no_grad():
             hidden, kwargs = capture_block_inputs(self.lm, batch["input_ids"])
             self._check_finite(
@@ -363,6 +461,47 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self._inputs[batch_idx] = (hidden.to(dev), block_kwargs_to(kwargs, dev))
         return hidden, kwargs
 
+    def _refuse_dense_resume(self, k: int) -> None:
+        if k > 0 and self.hparams.propagation == "dense":
+            raise RuntimeError(
+                "resuming with propagation='dense' would need the dense weights of the blocks "
+                "already pruned; rerun from the start or use propagation='pruned'"
+            )
+
+    @torch.no_grad()
+    def _rebuild_inputs(self, k: int) -> None:
+        """Offload mode: block ``k``'s inputs for every calibration batch of this rank.
+
+        The per-batch path of :meth:`_block_inputs` would need the embeddings and every pruned
+        block on the device for each batch; here each part is onloaded once: the embeddings
+        capture the first block's inputs of all batches, then blocks ``0..k-1`` (already pruned,
+        on a resume) replay them one block at a time. Same operations per batch, same values.
+        """
+        assert self.lm is not None
+        self._refuse_dense_resume(k)
+        loader = self.trainer.train_dataloader
+        limit = self.trainer.num_training_batches
+        dev = self._cache_device()
+        inputs: dict[int, tuple[Tensor, dict[str, Any]]] = {}
+        with self._onloaded([EMBED, REST]):
+            for i, batch in enumerate(loader):
+                if not math.isinf(limit) and i >= limit:
+                    break
+                hidden, kwargs = capture_block_inputs(self.lm, batch["input_ids"].to(self.device))
+                self._check_finite(
+                    hidden, f"calibration activations entering block 0 ({self.blocks[0][0]})"
+                )
+                inputs[i] = (hidden.to(dev), block_kwargs_to(kwargs, dev))
+        for j in range(k):
+            name, block = self.blocks[j]
+            with self._onloaded(name):
+                for i, (hidden, kwargs) in inputs.items():
+                    out = run_block(
+                        block, hidden.to(self.device), block_kwargs_to(kwargs, self.device)
+                    )
+                    inputs[i] = (out.to(dev), kwargs)
+        self._inputs, self._inputs_block = inputs, k
+
     # --------------------------------------------------------------------------- solving
     def _finish_stage(self, k: int) -> None:
         assert self._collector is not None
@@ -371,6 +510,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         results: dict[str, PruneResult] = {}
         if self.hparams.sequential == "true_sequential" and len(groups) > 1:
             results.update(self._solve(k, groups[0], collector))
+            collector.free()  # the later groups' Grams came from the dense block: re-collected
             for group in groups[1:]:
                 # Re-collect this group's input on the block whose earlier groups are pruned.
                 collector.remove()
@@ -384,6 +524,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self._collector = None
         if self.hparams.propagation == "pruned":
             self._replay_cached(k, None, store=True)
+        self._close_stage()
         self._inputs, self._next_inputs = self._next_inputs, {}
         self._inputs_block = k + 1
         self.pruned_blocks.add(k)
@@ -416,59 +557,136 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
                     self._store_next(i, out, kw)
 
     def _solve(self, k: int, names: list[str], collector: GramCollector) -> dict[str, PruneResult]:
+        """Solve the layers ``names`` of block ``k`` (independent problems) and write them.
+
+        Every rank sums the Grams of its shard into the global ones, then solves only the layers
+        :func:`~prox24_lightning.strategies.assign_layers` gives it (one param group per layer in
+        the module's ``Prox24``; each ``opt.step`` advances them all). A Gram is freed once the
+        solves hold their normalised copies, and each solve as soon as its layer is done. The
+        owners then broadcast weights and masks, so every rank returns the same results.
+        """
         opt = self.optimizers()
         raw: Prox24 = opt.optimizer  # type: ignore[assignment]
-        solves: dict[str, LayerSolve] = {}
-        reduced: dict[str, Tensor] = {}
+        strategy = self.trainer.strategy
+        rank = self.global_rank
+        grams: dict[str, Tensor] = {}
+        tokens: dict[str, int] = {}
         for name in names:
             lead = collector.leader[name]
-            if lead not in reduced:
-                gram = collector.gram_of(name)
+            if lead not in grams:
                 # Every rank calibrated on its own shard: sum the statistics.
-                reduced[lead] = self.trainer.strategy.reduce(gram, reduce_op="sum")
-            gram = reduced[lead]
-            if not bool(torch.isfinite(gram).all()):
+                grams[lead] = strategy.reduce(collector.gram_of(name), reduce_op="sum")
+                count = torch.tensor(collector.tokens_of(name), device=self.device)
+                tokens[lead] = int(strategy.reduce(count, reduce_op="sum"))
+            # Checked on every rank (the values agree), so all ranks stop together.
+            if not bool(torch.isfinite(grams[lead]).all()):
                 raise FloatingPointError(
                     f"NaN or Inf in the Gram matrix of layer {name} (block {k}); masks saved "
                     "so far are kept"
                 )
-            weight = get_weight_matrix(self._layers[name])
-            if not bool(torch.isfinite(weight).all()):
+            if not bool(torch.isfinite(get_weight_matrix(self._layers[name])).all()):
                 raise FloatingPointError(
                     f"NaN or Inf in the weights of layer {name} (block {k}); masks saved so far "
                     "are kept"
                 )
-            solve = LayerSolve(weight, gram, self.method, self.solver)
+        owners = assign_layers(
+            {n: _solve_cost(self._layers[n]) for n in names}, self.trainer.world_size
+        )
+        solves: dict[str, LayerSolve] = {}
+        for name in names:
+            if owners[name] != rank:
+                continue
+            weight = get_weight_matrix(self._layers[name])
+            solve = LayerSolve(weight, grams[collector.leader[name]], self.method, self.solver)
             raw.add_param_group(solve.param_group(name))
             solve.attach(raw)
             solves[name] = solve
-        problems = {n: s.problem for n, s in solves.items()}
-        pbar = self._progress_bar(k, len(solves))
-        iteration = 0
-        try:
-            while not all(s.done(raw) for s in solves.values()):
-                opt.step(problems=problems)
-                maybe_fail("solver")
-                for s in solves.values():
-                    s.observe(raw)
-                iteration += 1
-                if iteration % self.hparams.progress_every == 0:
-                    self._report_progress(pbar, k, iteration, solves, raw)
-        finally:
-            if pbar is not None:
-                pbar.close()
-        results: dict[str, PruneResult] = {}
-        for name, solve in solves.items():
-            result = solve.result(raw)
-            set_weight_matrix(self._layers[name], result.weight)
-            results[name] = result
+            self._local_solves += 1
+        grams.clear()
+        collector.free(names)
+        solved = self._run_solves(k, solves, raw, opt)
+        results = self._share_results(names, owners, solved)
+        for name in names:
+            result = results[name]
             self.masks[name] = result.mask.cpu()
             if is_conv1d(self._layers[name]):
                 self.transposed.add(name)
-            self.report[name] = self._layer_report(k, name, result, collector.tokens_of(name))
-            raw.state.pop(solve.work, None)
+            lead = collector.leader[name]
+            self.report[name] = self._layer_report(k, name, result, tokens[lead])
         raw.param_groups[:] = [g for g in raw.param_groups if g["name"] == "_idle"]
         self._log_results(results)
+        return results
+
+    def _run_solves(
+        self, k: int, solves: dict[str, LayerSolve], raw: Prox24, opt: Any
+    ) -> dict[str, PruneResult]:
+        """Step this rank's solves to the end; each layer is written and freed when it is done."""
+        finished: dict[str, PruneResult] = {}
+
+        def harvest() -> None:
+            for name in [n for n, s in solves.items() if s.done(raw)]:
+                solve = solves.pop(name)
+                result = solve.result(raw)
+                result.stats.extra["solved_by_rank"] = self.global_rank
+                layer = self._layers[name]
+                set_weight_matrix(layer, result.weight)
+                # The layer now holds the very same values: keep a view, not a second copy.
+                finished[name] = replace(result, weight=get_weight_matrix(layer).detach())
+                raw.state.pop(solve.work, None)
+                raw.param_groups[:] = [g for g in raw.param_groups if g["name"] != name]
+
+        pbar = self._progress_bar(k, len(solves))
+        steps = 0
+        try:
+            harvest()
+            while solves:
+                opt.step(problems={n: s.problem for n, s in solves.items()})
+                maybe_fail("solver")
+                for s in solves.values():
+                    s.observe(raw)
+                harvest()
+                steps += 1
+                if steps % self.hparams.progress_every == 0:
+                    self._report_progress(pbar, k, steps, solves, raw)
+        finally:
+            if pbar is not None:
+                pbar.close()
+        if self.trainer.world_size > 1:
+            # Ranks solve different layers, hence take different numbers of steps. Lightning
+            # counts optimizer steps in ``global_step``, and its checkpoint callbacks decide by
+            # it (collectively) whether to save: pad with empty steps up to the slowest rank.
+            most = self.trainer.strategy.reduce(
+                torch.tensor(steps, device=self.device), reduce_op="max"
+            )
+            for _ in range(int(most) - steps):
+                opt.step(problems={})
+        return finished
+
+    def _share_results(
+        self, names: list[str], owners: dict[str, int], solved: dict[str, PruneResult]
+    ) -> dict[str, PruneResult]:
+        """Broadcast each solved weight (into the layer, in place) and mask from its owner rank,
+        and gather the stats, so that every rank holds every layer's result."""
+        if self.trainer.world_size == 1:
+            self.solves_per_rank = [self._local_solves]
+            return {name: solved[name] for name in names}
+        gathered = all_gather_objects((self._local_solves, {n: r.stats for n, r in solved.items()}))
+        self.solves_per_rank = [count for count, _ in gathered]
+        stats = {n: st for _, per_rank in gathered for n, st in per_rank.items()}
+        results: dict[str, PruneResult] = {}
+        for name in names:
+            layer, owner = self._layers[name], owners[name]
+            broadcast_(layer.weight.data, src=owner)
+            weight = get_weight_matrix(layer).detach()
+            if owner == self.global_rank:
+                mask = solved[name].mask.to(torch.uint8)
+            else:
+                mask = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+            broadcast_(mask, src=owner)
+            if owner == self.global_rank:
+                results[name] = solved[name]
+            else:
+                results[name] = PruneResult(weight=weight, mask=mask.bool(), stats=stats[name])
         return results
 
     def _layer_report(self, k: int, name: str, result: PruneResult, tokens: int) -> dict[str, Any]:
@@ -482,6 +700,8 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
             "calibration_tokens": tokens,
             **{f: v for f, v in s.as_dict().items() if f != "extra"},
             "lipschitz": s.extra.get("lipschitz"),
+            # recorded by the process that ran the solve (each layer is solved on one rank)
+            "solved_by_rank": s.extra.get("solved_by_rank"),
         }
 
     def _log_results(self, results: dict[str, PruneResult]) -> None:
@@ -564,7 +784,15 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
             "transposed": sorted(self.transposed),
             "skipped": self.skipped,
             "fingerprint": self.fingerprint(),
+            "solves_per_rank": self.solves_per_rank,
         }
+        if self._offload is not None:
+            # The offloaded model is not in ``state_dict``; what pruning changed is the weights
+            # of the pruned layers (the rest reloads from ``model_name_or_path``).
+            store, key = self._offload.store, self._offload.key
+            checkpoint["prox24"]["pruned_weights"] = {
+                f"{n}.weight": store[key(f"{n}.weight")] for n in self.report
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("prox24", {})
@@ -589,4 +817,40 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self.pruned_blocks = set(state.get("pruned_blocks", []))
         self.transposed = set(state.get("transposed", []))
         self.skipped = dict(state.get("skipped", {}))
+        self.solves_per_rank = list(state.get("solves_per_rank", []))
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        if len(self.solves_per_rank) == world_size:
+            self._local_solves = self.solves_per_rank[self.global_rank]
+        self._restore_weights(checkpoint, state.get("pruned_weights"))
         rank_zero_info(f"resuming after {len(self.report)} pruned layers")
+
+    def _restore_weights(
+        self, checkpoint: dict[str, Any], pruned: dict[str, Tensor] | None
+    ) -> None:
+        """Bring the pruned weights back, whichever mode (offload or not) wrote the checkpoint.
+
+        With offload they go into the CPU store, and the ``lm.*`` entries a run without offload
+        saved are taken from ``state_dict`` (Lightning would refuse them: the offloaded model is
+        not a submodule). Without offload, a checkpoint written with offload holds only the
+        pruned weights: the others are completed from the loaded model for Lightning's strict
+        ``load_state_dict``.
+        """
+        sd = checkpoint.setdefault("state_dict", {})
+        if self._offload is not None:
+            saved = [k for k in sd if k.startswith("lm.")]
+            if pruned is None and saved:
+                pruned = {k.removeprefix("lm."): sd[k] for k in saved}
+            for k in saved:
+                del sd[k]
+            for name, tensor in (pruned or {}).items():
+                self._offload.store[self._offload.key(name)].copy_(tensor)
+        elif pruned is not None and self.lm is not None:
+            for name, tensor in self.lm.state_dict().items():
+                sd.setdefault(f"lm.{name}", tensor)
+            sd.update({f"lm.{name}": tensor for name, tensor in pruned.items()})
+
+
+def _solve_cost(layer: nn.Module) -> float:
+    """Relative cost of one layer's solve: one iteration is the GEMM ``W H`` (``d_out d_in^2``)."""
+    weight = get_weight_matrix(layer)
+    return float(weight.shape[0]) * float(weight.shape[1]) ** 2
