@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SHORT_WORDS, callback, fit_args
 from safetensors.torch import load_file, save_file
 
 import prox24_lightning.callbacks as callbacks_mod
@@ -19,40 +19,20 @@ from prox24_lightning.cli import _check_main, cli_main, main
 from prox24_lightning.testing import save_tiny_model
 
 LAYER = "model.layers.1.mlp.down_proj"
-WORDS = "the cat sat on a mat while dogs ran far away and birds sang in trees".split()
 
 
 def _fit_args(tmp: Path, model: str, out: Path) -> list[str]:
     text = tmp / "train.txt"
-    text.write_text(" ".join(random.Random(0).choice(WORDS) for _ in range(2000)))
-    args = {
-        "seed_everything": "0",
-        "trainer.accelerator": "cpu",
-        "trainer.max_epochs": "-1",
-        "trainer.num_sanity_val_steps": "0",
+    # One word, 2000 times (it was written with a fresh Random(0) per word).
+    text.write_text(" ".join([random.Random(0).choice(SHORT_WORDS)] * 2000))
+    overrides = {
+        "trainer.devices": None,
+        "trainer.check_val_every_n_epoch": None,
         "trainer.limit_val_batches": "0",
-        "trainer.logger": "false",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_model_summary": "false",
-        "trainer.default_root_dir": str(out),
-        "model": "prox24_lightning.pruner.BlockwisePruner",
-        "model.model_name_or_path": model,
-        "model.method": "wanda",
-        "data.calibration": json.dumps({"name": "text", "path": str(text)}),
-        "data.calibration_mode": "packed",
         "data.nsamples": "2",
-        "data.seqlen": "32",
-        "data.batch_size": "2",
-        "data.validation": "{}",
-        "data.cache_dir": str(out / "cache"),
-        "evaluate": "none",
     }
-    return [
-        "fit",
-        *[f"--{k}={v}" for k, v in args.items()],
-        "--trainer.callbacks+=prox24_lightning.callbacks.ExportPruned",
-        f"--trainer.callbacks.dirpath={out / 'export'}",
-    ]
+    export = callback("prox24_lightning.callbacks.ExportPruned", dirpath=out / "export")
+    return fit_args(model, out, text, callbacks=export, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import callback, fit_args
 from transformers import AutoModelForCausalLM
 
 from prox24_lightning.artifacts import (
@@ -26,45 +26,13 @@ from prox24_lightning.ops.masks import mask_2of4
 from prox24_lightning.testing import offline_tokenizer, save_tiny_model, tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = (
-    "the cat sat on a mat while dogs ran far away and birds sang in trees near the river bank "
-    "under a bright sky people walked slowly home after work"
-).split()
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    train, held_out = d / "train.txt", d / "eval.txt"
-    train.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
-    held_out.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
-    return train, held_out
-
-
-def _common(out: Path, text: tuple[Path, Path]) -> dict[str, str]:
-    train, held_out = text
-    return {
-        "seed_everything": "0",
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.logger": "false",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_model_summary": "false",
-        "trainer.enable_checkpointing": "false",
-        "trainer.num_sanity_val_steps": "0",
-        "trainer.check_val_every_n_epoch": "100000",
-        "trainer.default_root_dir": str(out),
-        "data.calibration": f'{{"name": "text", "path": "{train}"}}',
-        "data.calibration_mode": "packed",
-        "data.nsamples": "8",
-        "data.seqlen": "32",
-        "data.batch_size": "2",
-        "data.validation": f'{{"held_out": {{"name": "text", "path": "{held_out}"}}}}',
-        "data.max_eval_windows": "4",
-        "data.eval_batch_size": "4",
-        "data.cache_dir": str(out / "cache"),
-    }
+#: What the pruning run and the finetuning runs here add to ``fit_args``' settings.
+COMMON = {
+    "trainer.enable_checkpointing": "false",
+    "data.nsamples": "8",
+    "data.max_eval_windows": "4",
+    "data.eval_batch_size": "4",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +40,13 @@ def pruned_llama(tmp_path_factory, text_files) -> Path:
     """A real export: a tiny llama pruned by the CLI with Wanda (the fastest method)."""
     root = tmp_path_factory.mktemp("pruned")
     model_dir = save_tiny_model(root / "model", "llama", num_layers=2)
-    args = _common(root / "run", text_files)
-    args.update(
-        {
-            "trainer.max_epochs": "-1",
-            "model": "prox24_lightning.pruner.BlockwisePruner",
-            "model.model_name_or_path": model_dir,
-            "model.method": "wanda",
-            "evaluate": "none",
-        }
-    )
+    train, held_out = text_files
     export = root / "export"
+    callbacks = callback(
+        "prox24_lightning.callbacks.ExportPruned", dirpath=export, print_table="false"
+    )
     cli_main(
-        [
-            "fit",
-            *[f"--{k}={v}" for k, v in args.items()],
-            "--trainer.callbacks+=prox24_lightning.callbacks.ExportPruned",
-            f"--trainer.callbacks.dirpath={export}",
-            "--trainer.callbacks.print_table=false",
-        ]
+        fit_args(model_dir, root / "run", train, validation=held_out, callbacks=callbacks, **COMMON)
     )
     assert check_export(export).ok
     return export
@@ -108,37 +64,38 @@ def _finetune(
     export_args: tuple[str, ...] = (),
     **extra: str,
 ):
-    args = _common(out, text)
-    args.update(
-        {
-            "trainer.max_steps": "4",
-            "trainer.max_epochs": "-1",
-            "trainer.precision": "bf16-mixed",
-            "trainer.accumulate_grad_batches": "2",
-            "trainer.gradient_clip_val": "1.0",
-            "model": "prox24_lightning.finetune.MaskedFinetuner",
-            "model.model_name_or_path": str(source),
-            "model.optimizer": json.dumps(
-                {
-                    "class_path": "torch.optim.AdamW",
-                    "init_args": {"lr": lr, "weight_decay": weight_decay},
-                }
-            ),
-            "evaluate": "none",
-        }
-    )
-    args.update(extra)
     callbacks = []
     if enforce:
-        callbacks.append("--trainer.callbacks+=prox24_lightning.finetune.EnforceMask")
+        callbacks += callback("prox24_lightning.finetune.EnforceMask")
     if export:
         callbacks += [
-            "--trainer.callbacks+=prox24_lightning.finetune.ExportFinetuned",
-            f"--trainer.callbacks.dirpath={out / 'export'}",
-            "--trainer.callbacks.overwrite=true",
+            *callback(
+                "prox24_lightning.finetune.ExportFinetuned",
+                dirpath=out / "export",
+                overwrite="true",
+            ),
             *export_args,
         ]
-    return cli_main(["fit", *[f"--{k}={v}" for k, v in args.items()], *callbacks])
+    optimizer = {
+        "class_path": "torch.optim.AdamW",
+        "init_args": {"lr": lr, "weight_decay": weight_decay},
+    }
+    overrides = {
+        **COMMON,
+        "trainer.max_steps": "4",
+        "trainer.precision": "bf16-mixed",
+        "trainer.accumulate_grad_batches": "2",
+        "trainer.gradient_clip_val": "1.0",
+        "model": "prox24_lightning.finetune.MaskedFinetuner",
+        "model.optimizer": json.dumps(optimizer),
+        **extra,
+    }
+    train, held_out = text
+    return cli_main(
+        fit_args(
+            source, out, train, method=None, validation=held_out, callbacks=callbacks, **overrides
+        )
+    )
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:

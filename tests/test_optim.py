@@ -20,13 +20,7 @@ from prox24_lightning.ops import (
 )
 from prox24_lightning.optim import LocalProblem, Prox24
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_problem(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import PROX_SOLVER, callback, fit_args
 from transformers import AutoModelForCausalLM
 
 from prox24_lightning.artifacts import check_export, load_masks
@@ -14,67 +14,39 @@ from prox24_lightning.cli import cli_main
 from prox24_lightning.models.hf import find_blocks, find_linear_layers, get_weight_matrix
 from prox24_lightning.testing import save_tiny_model
 
-WORDS = (
-    "the cat sat on a mat while dogs ran far away and birds sang in trees near the river bank "
-    "under a bright sky people walked slowly home after work"
-).split()
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    train, held_out = d / "train.txt", d / "eval.txt"
-    train.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
-    held_out.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
-    return train, held_out
+#: What every run here adds to ``fit_args``: the prox schedule, 10 CG steps, 2 evaluation
+#: windows, and no ``evaluate`` unless a call asks for one.
+SETTINGS = {
+    **PROX_SOLVER,
+    "model.solver.refine_steps": "10",
+    "data.max_eval_windows": "2",
+    "evaluate": None,
+}
 
 
 def _args(
-    model_dir: str, out: Path, text: tuple[Path, Path], method: str, **extra: str
+    model_dir: str, out: Path, text: tuple[Path, Path], method: str, **extra: str | None
 ) -> list[str]:
+    """Mask files, Lightning's ``ModelCheckpoint`` (``last.ckpt`` after every block) and the
+    export under ``out``."""
     train, held_out = text
-    args = {
-        "seed_everything": "0",
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.max_epochs": "-1",
-        "trainer.logger": "false",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_model_summary": "false",
-        "trainer.num_sanity_val_steps": "0",
-        "trainer.check_val_every_n_epoch": "100000",
-        "trainer.default_root_dir": str(out),
-        "model": "prox24_lightning.pruner.BlockwisePruner",
-        "model.model_name_or_path": model_dir,
-        "model.method": method,
-        "model.solver.beta": "1.3",
-        "model.solver.lambda0": "0.05",
-        "model.solver.momentum": "0.9",
-        "model.solver.refine": "cg",
-        "model.solver.refine_steps": "10",
-        "data.calibration": f'{{"name": "text", "path": "{train}"}}',
-        "data.calibration_mode": "packed",
-        "data.nsamples": "4",
-        "data.seqlen": "32",
-        "data.batch_size": "2",
-        "data.validation": f'{{"held_out": {{"name": "text", "path": "{held_out}"}}}}',
-        "data.max_eval_windows": "2",
-        "data.cache_dir": str(out / "cache"),
-    }
-    args.update(extra)
     callbacks = [
-        "--trainer.callbacks+=prox24_lightning.callbacks.MaskCheckpoint",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={out / 'ckpt'}",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.save_top_k=0",
-        "--trainer.callbacks.save_on_train_epoch_end=true",
-        "--trainer.callbacks+=prox24_lightning.callbacks.ExportPruned",
-        f"--trainer.callbacks.dirpath={out / 'export'}",
-        "--trainer.callbacks.overwrite=true",
+        *callback("prox24_lightning.callbacks.MaskCheckpoint"),
+        *callback(
+            "lightning.pytorch.callbacks.ModelCheckpoint",
+            dirpath=out / "ckpt",
+            save_last="true",
+            save_top_k="0",
+            save_on_train_epoch_end="true",
+        ),
+        *callback(
+            "prox24_lightning.callbacks.ExportPruned", dirpath=out / "export", overwrite="true"
+        ),
     ]
-    return ["fit", *[f"--{k}={v}" for k, v in args.items()], *callbacks]
+    overrides = {**SETTINGS, **extra}
+    return fit_args(
+        model_dir, out, train, method=method, validation=held_out, callbacks=callbacks, **overrides
+    )
 
 
 def _assert_2of4_model(export: Path) -> None:
@@ -130,23 +102,15 @@ def test_fit_export_reload_validate(tmp_path, text_files, arch, method):
 
 def test_resume_after_block_1_of_3_is_identical(tmp_path, text_files):
     model_dir = save_tiny_model(tmp_path / "model", "llama", num_layers=3)
-    full = tmp_path / "full"
-    cli_main(_args(model_dir, full, text_files, "prox", evaluate="none"))
-    part = tmp_path / "part"
-    cli_main(
-        _args(model_dir, part, text_files, "prox", evaluate="none", **{"trainer.max_epochs": "2"})
-    )
+    full, part = tmp_path / "full", tmp_path / "part"
+
+    def fit(out: Path, **extra: str) -> None:
+        cli_main(_args(model_dir, out, text_files, "prox", evaluate="none", **extra))
+
+    fit(full)
+    fit(part, **{"trainer.max_epochs": "2"})
     assert not (part / "export").exists() or not (part / "export" / "config.json").exists()
-    cli_main(
-        _args(
-            model_dir,
-            part,
-            text_files,
-            "prox",
-            evaluate="none",
-            ckpt_path=str(part / "ckpt" / "last.ckpt"),
-        )
-    )
+    fit(part, ckpt_path=str(part / "ckpt" / "last.ckpt"))
     m_full = load_masks(full / "export" / "masks.safetensors")
     m_part = load_masks(part / "export" / "masks.safetensors")
     assert m_full.keys() == m_part.keys() and len(m_full) == 21

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import PROX_SOLVER, block_checkpoints, fit_args
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -29,21 +29,16 @@ from prox24_lightning.models.hf import find_blocks
 from prox24_lightning.pruner import BlockwisePruner
 from prox24_lightning.testing import offline_tokenizer, save_tiny_model, tiny_causal_lm
 
-WORDS = (
-    "the cat sat on a mat while dogs ran far away and birds sang in trees near the river bank "
-    "under a bright sky people walked slowly home after work"
-).split()
 TINY = dict(num_layers=3, hidden_size=32, intermediate_size=64)
 NAN, INF = float("nan"), float("inf")
 N_LAYERS = 21  # 3 blocks x 7 linear layers
+# Wanda + 5 conjugate-gradient steps: fast, and the solver loop does iterate.
+SOLVER = {"model.solver.refine": "cg", "model.solver.refine_steps": "5"}
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    rng = random.Random(0)
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
-    return path
+def text(text_files) -> Path:
+    return text_files[0]
 
 
 @pytest.fixture(scope="module")
@@ -51,46 +46,12 @@ def model_dir(tmp_path_factory) -> str:
     return save_tiny_model(tmp_path_factory.mktemp("model"), "llama", **TINY)
 
 
-def _args(model: str, out: Path, text: Path, method: str = "wanda", **extra: str) -> list[str]:
+def _args(
+    model: str, out: Path, text: Path, method: str = "wanda", overwrite: str = "true", **extra: str
+) -> list[str]:
     """``prox24 fit`` arguments: per-block checkpoints, mask files and an export under ``out``."""
-    args = {
-        "seed_everything": "0",
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.max_epochs": "-1",
-        "trainer.logger": "false",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_model_summary": "false",
-        "trainer.num_sanity_val_steps": "0",
-        "trainer.check_val_every_n_epoch": "100000",
-        "trainer.default_root_dir": str(out),
-        "model": "prox24_lightning.pruner.BlockwisePruner",
-        "model.model_name_or_path": model,
-        "model.method": method,
-        # Wanda + 5 conjugate-gradient steps: fast, and the solver loop does iterate.
-        "model.solver.refine": "cg",
-        "model.solver.refine_steps": "5",
-        "data.calibration": json.dumps({"name": "text", "path": str(text)}),
-        "data.calibration_mode": "packed",
-        "data.nsamples": "4",
-        "data.seqlen": "32",
-        "data.batch_size": "2",
-        "data.validation": "{}",
-        "data.cache_dir": str(out / "cache"),
-        "evaluate": "none",
-    }
-    overwrite = extra.pop("overwrite", "true")
-    args.update(extra)
-    callbacks = [
-        "--trainer.callbacks+=prox24_lightning.callbacks.MaskCheckpoint",
-        f"--trainer.callbacks.dirpath={out / 'masks'}",
-        "--trainer.callbacks+=prox24_lightning.callbacks.BlockCheckpoint",
-        f"--trainer.callbacks.dirpath={out / 'ckpt'}",
-        "--trainer.callbacks+=prox24_lightning.callbacks.ExportPruned",
-        f"--trainer.callbacks.dirpath={out / 'export'}",
-        f"--trainer.callbacks.overwrite={overwrite}",
-    ]
-    return ["fit", *[f"--{k}={v}" for k, v in args.items()], *callbacks]
+    callbacks = block_checkpoints(out, overwrite=overwrite)
+    return fit_args(model, out, text, method=method, callbacks=callbacks, **{**SOLVER, **extra})
 
 
 def _fit(model: str, out: Path, text: Path, method: str = "wanda", **extra: str):
@@ -504,12 +465,7 @@ def test_bf16_model_end_to_end_solves_in_fp32(tmp_path, model_dir, text, monkeyp
         out,
         text,
         method="prox",
-        **{
-            "model.dtype": "bfloat16",
-            "model.solver.lambda0": "0.05",
-            "model.solver.beta": "1.3",
-            "model.solver.momentum": "0.9",
-        },
+        **{"model.dtype": "bfloat16", **PROX_SOLVER},
     )
     assert len(seen) == N_LAYERS
     assert set(seen) == {(torch.bfloat16, torch.float32, torch.float32)}

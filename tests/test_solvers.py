@@ -21,13 +21,7 @@ PAPER = dict(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=10
 PAPER_MOMENTUM = dict(PAPER, momentum=0.9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: threads only add contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llm_like_layer(

