@@ -430,7 +430,8 @@ def _solver_text(name: str, rec: dict[str, Any]) -> str:
     ref = f"{str(s.get('refine', '')).upper()} {s.get('refine_steps')}"
     if not name.startswith("prox"):
         return ref if refined(name) else "none"
-    parts = [f"λ0 {s.get('lambda0'):g}, β {s.get('beta'):g}"]
+    scale = " / RMS(W̃)" if s.get("lambda_scale") == "rms" else ""
+    parts = [f"λ0 {s.get('lambda0'):g}{scale}, β {s.get('beta'):g}"]
     if s.get("momentum"):
         parts.append(f"momentum {s['momentum']:g}")
     if s.get("beta_tail"):
