@@ -27,6 +27,7 @@ from .models.hf import (
     REST,
     OffloadedModel,
     block_kwargs_to,
+    block_output,
     capture_block_inputs,
 )
 
@@ -119,11 +120,8 @@ def blockwise_logits(
         with offload.onload(name, device):
             for i, (hidden, kwargs) in enumerate(cache):
                 out = block(hidden.to(device), **block_kwargs_to(kwargs, device))
-                as_tuple = isinstance(out, (tuple, list))
-                out = out[0] if as_tuple else out
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"{type(block).__name__} returned {type(out).__name__}")
-                cache[i] = (out.to(cache_device), kwargs)
+                as_tuple = isinstance(out, (tuple, list))  # the stand-ins must answer alike
+                cache[i] = (block_output(block, out).to(cache_device), kwargs)
     embedding = model.get_input_embeddings()
     width = embedding.weight.shape[-1]
     dtype = embedding.weight.dtype

@@ -73,6 +73,7 @@ __all__ = [
     "REST",
     "OffloadedModel",
     "block_kwargs_to",
+    "block_output",
     "capture_block_inputs",
     "convert_gguf_to_dir",
     "default_cache_dir",
@@ -617,14 +618,18 @@ def _input_device(model: nn.Module) -> torch.device | None:
 
 
 def run_block(block: nn.Module, hidden_states: Tensor, block_kwargs: Mapping[str, Any]) -> Tensor:
-    """Run one block on captured inputs and return its output hidden states.
+    """Run one block on captured inputs and return its output hidden states (see
+    :func:`block_output`). Gradient mode is left to the caller."""
+    return block_output(block, block(hidden_states, **block_kwargs))
+
+
+def block_output(block: nn.Module, out: Any) -> Tensor:
+    """The hidden states in what ``block`` returned.
 
     transformers 5 decoder layers return a Tensor; older versions and some architectures return a
     tuple whose element 0 is the hidden states. (Indexing a Tensor with ``[0]`` would silently take
-    the first batch row, the Wanda-on-transformers-5 bug, hence the explicit check.) Gradient mode
-    is left to the caller.
+    the first batch row, the Wanda-on-transformers-5 bug, hence the explicit check.)
     """
-    out = block(hidden_states, **block_kwargs)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, Tensor):
