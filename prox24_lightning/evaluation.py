@@ -22,13 +22,9 @@ from torch import Tensor, nn
 
 from .metrics import Perplexity
 from .models.hf import (
-    EMBED,
     HEAD,
     REST,
     OffloadedModel,
-    block_kwargs_to,
-    block_output,
-    capture_block_inputs,
 )
 
 __all__ = ["PerplexityEvaluation", "blockwise_logits"]
@@ -110,18 +106,7 @@ def blockwise_logits(
     """
     model, blocks = offload.model, offload.blocks
     device = torch.device(device)
-    cache: list[tuple[Tensor, dict[str, Any]]] = []
-    with offload.onload([EMBED, REST], device):
-        for ids in batches:
-            hidden, kwargs = capture_block_inputs(model, ids.to(device))
-            cache.append((hidden.to(cache_device), block_kwargs_to(kwargs, cache_device)))
-    as_tuple = False
-    for name, block in blocks:
-        with offload.onload(name, device):
-            for i, (hidden, kwargs) in enumerate(cache):
-                out = block(hidden.to(device), **block_kwargs_to(kwargs, device))
-                as_tuple = isinstance(out, (tuple, list))  # the stand-ins must answer alike
-                cache[i] = (block_output(block, out).to(cache_device), kwargs)
+    cache, as_tuple = offload.stream_through_blocks(batches, device, cache_device=cache_device)
     embedding = model.get_input_embeddings()
     width = embedding.weight.shape[-1]
     dtype = embedding.weight.dtype

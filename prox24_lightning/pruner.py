@@ -29,6 +29,7 @@ each solved weight and mask is broadcast from its owner, so all ranks end with t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import time
@@ -49,8 +50,6 @@ from .data.sources import check_seqlen
 from .evaluation import PerplexityEvaluation
 from .faults import maybe_fail
 from .models.hf import (
-    EMBED,
-    REST,
     OffloadedModel,
     block_kwargs_to,
     capture_block_inputs,
@@ -477,30 +476,22 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         capture the first block's inputs of all batches, then blocks ``0..k-1`` (already pruned,
         on a resume) replay them one block at a time. Same operations per batch, same values.
         """
-        assert self.lm is not None
+        assert self._offload is not None
         self._refuse_dense_resume(k)
-        loader = self.trainer.train_dataloader
         limit = self.trainer.num_training_batches
-        dev = self._cache_device()
-        inputs: dict[int, tuple[Tensor, dict[str, Any]]] = {}
-        with self._onloaded([EMBED, REST]):
-            for i, batch in enumerate(loader):
-                if not math.isinf(limit) and i >= limit:
-                    break
-                hidden, kwargs = capture_block_inputs(self.lm, batch["input_ids"].to(self.device))
-                self._check_finite(
-                    hidden, f"calibration activations entering block 0 ({self.blocks[0][0]})"
-                )
-                inputs[i] = (hidden.to(dev), block_kwargs_to(kwargs, dev))
-        for j in range(k):
-            name, block = self.blocks[j]
-            with self._onloaded(name):
-                for i, (hidden, kwargs) in inputs.items():
-                    out = run_block(
-                        block, hidden.to(self.device), block_kwargs_to(kwargs, self.device)
-                    )
-                    inputs[i] = (out.to(dev), kwargs)
-        self._inputs, self._inputs_block = inputs, k
+        batches = itertools.islice(
+            self.trainer.train_dataloader, None if math.isinf(limit) else int(limit)
+        )
+        cache, _ = self._offload.stream_through_blocks(
+            (batch["input_ids"] for batch in batches),
+            self.device,
+            num_blocks=k,
+            cache_device=self._cache_device(),
+            check_embedded=lambda hidden: self._check_finite(
+                hidden, f"calibration activations entering block 0 ({self.blocks[0][0]})"
+            ),
+        )
+        self._inputs, self._inputs_block = dict(enumerate(cache)), k
 
     # --------------------------------------------------------------------------- solving
     def _finish_stage(self, k: int) -> None:

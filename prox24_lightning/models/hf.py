@@ -50,7 +50,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -840,6 +840,56 @@ class OffloadedModel:
                 else:
                     del self._loaded[key]
                     self._set_slots(key, self._meta[key])
+
+    @torch.no_grad()
+    def stream_through_blocks(
+        self,
+        batches: Iterable[Tensor],
+        device: torch.device | str,
+        *,
+        num_blocks: int | None = None,
+        cache_device: torch.device | str = "cpu",
+        check_embedded: Callable[[Tensor], None] | None = None,
+    ) -> tuple[list[tuple[Tensor, dict[str, Any]]], bool]:
+        """Run token batches through the embeddings and the first blocks, one part at a time.
+
+        1. The embeddings (and whatever else sits in front of the first block), onloaded once,
+           capture every batch's first-block inputs; ``check_embedded`` sees each of them.
+        2. Blocks ``0 .. num_blocks - 1``, each onloaded once, run over every batch in turn.
+
+        Activations wait on ``cache_device`` between parts, so at most one part is on ``device``
+        at a time. Each batch goes through the same operations as in the model's own forward.
+        Used to rebuild a resumed run's calibration inputs and to evaluate block by block.
+
+        Args:
+            batches: ``[B, S]`` token ids per batch.
+            device: Compute device.
+            num_blocks: How many blocks to run (default: all).
+            cache_device: Where the activations wait between parts.
+            check_embedded: Called with each batch's first-block hidden states, on ``device``.
+
+        Returns:
+            Each batch's hidden states and block kwargs (on ``cache_device``) entering block
+            ``num_blocks`` (leaving the last block by default), and whether the blocks return
+            a tuple rather than a Tensor (``False`` when no block ran).
+        """
+        device = torch.device(device)
+        blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
+        cache: list[tuple[Tensor, dict[str, Any]]] = []
+        with self.onload([EMBED, REST], device):
+            for ids in batches:
+                hidden, kwargs = capture_block_inputs(self.model, ids.to(device))
+                if check_embedded is not None:
+                    check_embedded(hidden)
+                cache.append((hidden.to(cache_device), block_kwargs_to(kwargs, cache_device)))
+        returns_tuple = False
+        for name, block in blocks:
+            with self.onload(name, device):
+                for i, (hidden, kwargs) in enumerate(cache):
+                    out = block(hidden.to(device), **block_kwargs_to(kwargs, device))
+                    returns_tuple = isinstance(out, (tuple, list))
+                    cache[i] = (block_output(block, out).to(cache_device), kwargs)
+        return cache, returns_tuple
 
     def materialized(self) -> AbstractContextManager[None]:
         """The whole model with its real tensors, on :attr:`storage` (no copy): for
