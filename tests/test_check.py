@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import SHORT_WORDS, callback, fit_args
+from helpers import callback, fit_args, random_words
 from safetensors.torch import load_file, save_file
 
 import prox24_lightning.callbacks as callbacks_mod
@@ -23,8 +23,7 @@ LAYER = "model.layers.1.mlp.down_proj"
 
 def _fit_args(tmp: Path, model: str, out: Path) -> list[str]:
     text = tmp / "train.txt"
-    # One word, 2000 times (it was written with a fresh Random(0) per word).
-    text.write_text(" ".join([random.Random(0).choice(SHORT_WORDS)] * 2000))
+    text.write_text(random_words(random.Random(0), 2000))
     overrides = {
         "trainer.devices": None,
         "trainer.check_val_every_n_epoch": None,

@@ -86,6 +86,29 @@ def test_blockwise_logits_equal_the_full_forward(arch):
     assert torch.equal(again, expected[0])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stream_through_blocks_gives_each_blocks_inputs(arch):
+    """``num_blocks=k``: the hidden states entering block k, as the model's own forward has them
+    (``output_hidden_states[k]``); the embedding check sees every batch once."""
+    lm = tiny_causal_lm(arch, num_layers=3)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(4, 400, (2, 16), generator=g) for _ in range(2)]
+    with torch.no_grad():
+        expected = [lm(input_ids=ids, output_hidden_states=True).hidden_states for ids in batches]
+    offload = OffloadedModel(lm)
+    for k in range(3):
+        seen: list[torch.Tensor] = []
+        cache, _ = offload.stream_through_blocks(
+            iter(batches), "cpu", num_blocks=k, check_embedded=seen.append
+        )
+        assert len(cache) == len(seen) == len(batches)
+        for i, (hidden, kwargs) in enumerate(cache):
+            torch.testing.assert_close(hidden, expected[i][k], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(seen[i], expected[i][0], rtol=1e-5, atol=1e-5)
+            assert isinstance(kwargs, dict)
+        assert resident_bytes(lm) == 0
+
+
 def test_onload_parts_refcounts_and_writeback():
     lm = tiny_causal_lm("gpt2", num_layers=2)  # tied wte / lm_head
     total = resident_bytes(lm)
