@@ -1,9 +1,9 @@
-"""Atomic file writes and the 2:4 export checker (no Lightning here).
+"""Atomic file writes and mask (de)serialisation (no Lightning here).
 
 Every artifact is written to a temporary name in the same directory and renamed with
 ``os.replace``, so a crash can never leave a half-written file under the final name. Temporary
 files left behind by a killed process (``.<name>.<random>.tmp``) are removed by the next write of
-the same target.
+the same target. The export checker is :mod:`prox24_lightning.check`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,6 @@ __all__ = [
     "save_masks",
     "load_masks",
     "write_json",
-    "check_export",
-    "CheckResult",
 ]
 
 
@@ -162,81 +159,5 @@ def load_masks_with_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Tens
     return masks, transposed
 
 
-@dataclass
-class CheckResult:
-    """Outcome of :func:`check_export`."""
-
-    ok: bool
-    layers: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    def verdict(self) -> str:
-        if self.ok:
-            return f"OK: {self.layers} layers exactly 2:4, match the masks, no -0.0/NaN/Inf"
-        shown = "; ".join(self.problems[:5])
-        more = f" (+{len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
-        return f"FAIL: {len(self.problems)} problem(s): {shown}{more}"
-
-
-def check_weights(
-    weights: Callable[[str], Tensor | None],
-    masks: dict[str, Tensor],
-    transposed: set[str] | frozenset[str] = frozenset(),
-) -> CheckResult:
-    """Check each masked weight: 2:4, equal to its mask's support, no -0.0, NaN or Inf."""
-    res = CheckResult(ok=True)
-    for name, mask in masks.items():
-        w = weights(name)
-        if w is None:
-            res.problems.append(f"{name}: missing from the checkpoint")
-            continue
-        if name in transposed:  # GPT-2 Conv1D stores [in, out]
-            w = w.T
-        if tuple(w.shape) != tuple(mask.shape):
-            res.problems.append(f"{name}: shape {tuple(w.shape)} != mask {tuple(mask.shape)}")
-            continue
-        w = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
-        res.layers += 1
-        if not bool(torch.isfinite(w).all()):
-            res.problems.append(f"{name}: NaN or Inf")
-        if bool(torch.signbit(w[w == 0]).any()):
-            res.problems.append(f"{name}: holds -0.0")
-        if bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) > 2).any()):
-            res.problems.append(f"{name}: not 2:4")
-        if bool((w[~mask] != 0).any()):
-            res.problems.append(f"{name}: non-zero weights outside the mask")
-        kept = mask.reshape(mask.shape[0], -1, 4).sum(-1)
-        if bool((kept != 2).any()):
-            res.problems.append(f"{name}: mask does not keep exactly 2 of 4")
-    res.ok = not res.problems
-    return res
-
-
-def check_export(path: str | os.PathLike[str]) -> CheckResult:
-    """Verify an export folder: every layer in ``masks.safetensors`` is exactly 2:4 in the saved
-    weights, agrees with its mask, and holds no ``-0.0``, NaN or Inf."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    mask_file = path / "masks.safetensors"
-    if not mask_file.is_file():
-        return CheckResult(ok=False, problems=[f"{mask_file} not found"])
-    masks, transposed = load_masks_with_layout(mask_file)
-    files = sorted(path.glob("*.safetensors"))
-    files = [f for f in files if f.name != "masks.safetensors"]
-    if not files:
-        return CheckResult(ok=False, problems=[f"no weight files (*.safetensors) in {path}"])
-    index: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                index[key] = f
-
-    def weight(name: str) -> Tensor | None:
-        key = f"{name}.weight"
-        if key not in index:
-            return None
-        with safe_open(str(index[key]), framework="pt") as h:
-            return h.get_tensor(key)
-
-    return check_weights(weight, masks, transposed)
+# The export checker moved to :mod:`prox24_lightning.check`; re-exported here for old callers.
+from .check import CheckResult, check_export, check_weights  # noqa: E402, F401
