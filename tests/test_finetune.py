@@ -21,7 +21,7 @@ from prox24_lightning.artifacts import (
 )
 from prox24_lightning.cli import cli_main
 from prox24_lightning.finetune import MaskedFinetuner, MaskMismatchError
-from prox24_lightning.models.hf import find_blocks, find_linear_layers, get_weight_matrix
+from prox24_lightning.models import find_blocks, find_linear_layers, get_weight_matrix
 from prox24_lightning.ops.masks import mask_2of4
 from prox24_lightning.testing import offline_tokenizer, save_tiny_model, tiny_causal_lm
 

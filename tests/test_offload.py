@@ -2,9 +2,9 @@
 
 How device memory is counted on a CPU-only machine, where compute and storage are both "cpu":
 offloaded parameters and buffers are ``meta`` tensors inside the module tree (their real data is
-in the :class:`~prox24_lightning.models.hf.OffloadedModel` CPU store), so the bytes *resident on
+in the :class:`~prox24_lightning.models.OffloadedModel` CPU store), so the bytes *resident on
 the compute device* are the bytes of the model's non-meta parameters and buffers
-(:func:`~prox24_lightning.models.hf.resident_bytes`, tied storages counted once). Activations,
+(:func:`~prox24_lightning.models.resident_bytes`, tied storages counted once). Activations,
 Gram matrices and solver state are not parameters or buffers and are not counted. The meter below
 samples that number at every block forward (calibration, propagation, input capture, evaluation),
 at every LM-head forward, at every calibration batch and at every solver step (Lightning's
@@ -28,7 +28,7 @@ from torch import nn
 from prox24_lightning.artifacts import check_export, load_masks
 from prox24_lightning.cli import cli_main
 from prox24_lightning.evaluation import blockwise_logits
-from prox24_lightning.models.hf import (
+from prox24_lightning.models import (
     EMBED,
     HEAD,
     REST,

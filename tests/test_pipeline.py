@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from prox24_lightning.artifacts import check_export, load_masks
 from prox24_lightning.cli import cli_main
-from prox24_lightning.models.hf import find_blocks, find_linear_layers, get_weight_matrix
+from prox24_lightning.models import find_blocks, find_linear_layers, get_weight_matrix
 from prox24_lightning.testing import save_tiny_model
 
 #: What every run here adds to ``fit_args``: the prox schedule, 10 CG steps, 2 evaluation

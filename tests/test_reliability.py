@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prox24_lightning.artifacts import check_export, load_masks, save_masks
 from prox24_lightning.cli import cli_main
-from prox24_lightning.models.hf import find_blocks
+from prox24_lightning.models import find_blocks
 from prox24_lightning.pruner import BlockwisePruner
 from prox24_lightning.testing import offline_tokenizer, save_tiny_model, tiny_causal_lm
 

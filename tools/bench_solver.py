@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from prox24_lightning.calibration import GramCollector
-from prox24_lightning.data.sources import TextSource, calibration_samples
-from prox24_lightning.models.hf import (
+from prox24_lightning.data import TextSource, calibration_samples
+from prox24_lightning.models import (
     capture_block_inputs,
     find_blocks,
     find_linear_layers,

