@@ -159,5 +159,41 @@ def load_masks_with_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Tens
     return masks, transposed
 
 
-# The export checker moved to :mod:`prox24_lightning.check`; re-exported here for old callers.
-from .check import CheckResult, check_export, check_weights  # noqa: E402, F401
+def write_export(
+    dirpath: str | os.PathLike[str],
+    model: Any,
+    tokenizer: Any,
+    masks: dict[str, Tensor],
+    report: dict[str, Any],
+    *,
+    transposed: set[str] | frozenset[str] = frozenset(),
+    method: str,
+    adapter: Path | None = None,
+    before_commit: Any = None,
+) -> str:
+    """Write a 2:4 export atomically and verify it; returns the checker's verdict.
+
+    The folder holds ``save_pretrained`` weights (dense, exact ``+0.0`` zeros, nothing
+    2:4-specific in ``config.json``: it loads anywhere as a normal model), the tokenizer,
+    ``masks.safetensors`` and ``sparsity_report.json``; a LoRA ``adapter`` folder is moved in.
+    Everything goes to a temporary folder that :func:`~prox24_lightning.check.check_export` must
+    accept before it is renamed into place, so a failed or interrupted export leaves nothing
+    half-written. ``before_commit`` (if given) is called just before the rename (tests inject
+    faults there). Used by both the pruning and the finetuning export.
+    """
+    from .check import check_export
+
+    with atomic_dir(dirpath, overwrite=True) as tmp:
+        if adapter is not None:
+            adapter.rename(tmp / "adapter")
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_masks(tmp / "masks.safetensors", masks, transposed=set(transposed), method=method)
+        write_json(tmp / "sparsity_report.json", report)
+        result = check_export(tmp)
+        if not result.ok:
+            raise RuntimeError(f"export check failed: {result.verdict()}")
+        if before_commit is not None:
+            before_commit()
+    return result.verdict()

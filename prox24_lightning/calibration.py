@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .models.hf import in_features
+from .models import in_features
 from .ops.gram import GramAccumulator
 
 __all__ = ["GramCollector"]

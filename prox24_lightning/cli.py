@@ -21,9 +21,9 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .artifacts import check_export
 from .callbacks import ExportPruned
-from .data.datamodule import PruningDataModule
+from .check import check_export
+from .data import PruningDataModule
 
 __all__ = ["Prox24CLI", "main"]
 
@@ -32,6 +32,8 @@ class Prox24CLI(LightningCLI):
     """LightningCLI with an ``--evaluate`` switch that scores the model before/after fit."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        # The tokenizer is the model's: one path, given once.
+        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
         parser.add_argument(
             "--evaluate",
             type=str,

@@ -4,7 +4,7 @@ The pruner and the finetuner score models with the same code, so ``prox24 valida
 a dense, a pruned and a finetuned model are directly comparable.
 
 A module whose model is offloaded (``offloaded`` returns an
-:class:`~prox24_lightning.models.hf.OffloadedModel`) cannot run the whole model per batch: only one
+:class:`~prox24_lightning.models.OffloadedModel`) cannot run the whole model per batch: only one
 block fits on the accelerator. Its validation steps only queue the (CPU) token ids, and at the
 end of the epoch :func:`blockwise_logits` runs the model the other way round: the embeddings over
 every queued batch, then each block in turn over every batch (activations wait on the CPU), then
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .metrics import Perplexity
-from .models.hf import (
+from .models import (
     HEAD,
     REST,
     OffloadedModel,
@@ -125,7 +125,7 @@ class PerplexityEvaluation:
     """Mixin for a LightningModule holding a causal LM in ``self.lm``.
 
     Logs ``val/<set>_ppl`` per validation loader, named by the DataModule's ``val_names``. When
-    the module's ``offloaded`` attribute is an :class:`~prox24_lightning.models.hf.OffloadedModel`,
+    the module's ``offloaded`` attribute is an :class:`~prox24_lightning.models.OffloadedModel`,
     the model is scored block by block at the end of the epoch (see the module docstring).
     """
 

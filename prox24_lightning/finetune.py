@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,10 +40,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
-from .artifacts import atomic_dir, check_export, load_masks_with_layout, save_masks, write_json
-from .callbacks import ExportPruned, library_versions
+from .artifacts import load_masks_with_layout, write_export
+from .callbacks import ExportPruned
 from .evaluation import PerplexityEvaluation
-from .models.hf import get_weight_matrix, is_conv1d, load_causal_lm
+from .models import get_weight_matrix, is_conv1d, load_causal_lm
+from .reports import build_finetune_report
 
 __all__ = [
     "EnforceMask",
@@ -151,11 +152,6 @@ class MaskedFinetuner(PerplexityEvaluation, L.LightningModule):
         self._perplexity = nn.ModuleDict()
 
     # ------------------------------------------------------------------------------ model
-    @property
-    def tokenizer_source(self) -> str:
-        """Where the DataModule loads the tokenizer from when none is configured."""
-        return self.model_name_or_path
-
     @property
     def method(self) -> str:
         """The pruning method of the source export, marked as finetuned."""
@@ -528,109 +524,15 @@ class ExportFinetuned(ExportPruned):
                 shutil.rmtree(adapter, ignore_errors=True)
 
     def _write(self, trainer: L.Trainer, pl_module: Any, adapter: Path | None) -> None:
-        with atomic_dir(self.dirpath, overwrite=True) as tmp:
-            if adapter is not None:
-                adapter.rename(tmp / "adapter")
-            lm = pl_module.lm
-            lm.save_pretrained(tmp, safe_serialization=True)
-            if pl_module.tokenizer is not None:
-                pl_module.tokenizer.save_pretrained(tmp)
-            save_masks(
-                tmp / "masks.safetensors",
-                pl_module.masks,
-                transposed=pl_module.transposed,
-                method=pl_module.method,
-            )
-            self.report = build_finetune_report(trainer, pl_module, config=self.run_config)
-            write_json(tmp / "sparsity_report.json", self.report)
-            result = check_export(tmp)
-            if not result.ok:
-                raise RuntimeError(f"export check failed: {result.verdict()}")
-        rank_zero_info(f"finetuned export written to {self.dirpath}: {result.verdict()}")
-
-
-@torch.no_grad()
-def build_finetune_report(
-    trainer: L.Trainer, pl_module: MaskedFinetuner, config: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Per masked layer: shape, sparsity, 2:4, relative change vs the source export.
-
-    Args:
-        trainer: The finished Trainer (step count, last training loss, data settings).
-        pl_module: The finetuner, after :meth:`MaskedFinetuner.export_model`.
-        config: The run's full config (the CLI sets it on the callback), recorded as is.
-    """
-    source = _SourceWeights(pl_module.model_name_or_path)
-    layers: dict[str, Any] = {}
-    for name, (weight, _) in pl_module.masked_weights().items():
-        w = weight.detach().float().cpu()
-        w = w.t() if name in pl_module.transposed else w
-        entry: dict[str, Any] = {
-            "shape": list(w.shape),
-            "sparsity": float((w == 0).float().mean()),
-            "is_2of4": bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()),
-        }
-        w0 = source.get(name)
-        if w0 is not None:
-            w0 = (w0.t() if name in pl_module.transposed else w0).float()
-            entry["relative_change"] = float(
-                torch.linalg.vector_norm(w - w0) / torch.linalg.vector_norm(w0).clamp_min(1e-30)
-            )
-        if name in pl_module.remask_dropped:
-            entry["lora_update_dropped_by_remask"] = pl_module.remask_dropped[name]
-        layers[name] = entry
-    numel = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
-    zeros = sum(v["sparsity"] * v["shape"][0] * v["shape"][1] for v in layers.values())
-    loss = trainer.callback_metrics.get("train/loss")
-    dm = getattr(trainer, "datamodule", None)
-    data = {
-        k: getattr(dm, k)
-        for k in ("calibration", "calibration_mode", "nsamples", "seqlen", "seed", "validation")
-        if dm is not None and hasattr(dm, k)
-    }
-    hparams = dict(pl_module.hparams)
-    if isinstance(hparams.get("lora"), LoraSettings):
-        hparams["lora"] = asdict(hparams["lora"])
-    return {
-        "model": pl_module.model_name_or_path,
-        "masks": pl_module.masks_path,
-        "method": pl_module.method,
-        "hparams": hparams,
-        "config": config,
-        "data": data,
-        "versions": library_versions(),
-        "training": {
-            "global_step": trainer.global_step,
-            "final_train_loss": float(loss) if loss is not None else None,
-            "lora_remasked": bool(pl_module.remask_dropped),
-        },
-        "summary": {
-            "layers": len(layers),
-            "all_2of4": all(v["is_2of4"] for v in layers.values()),
-            "sparsity": zeros / numel if numel else 0.0,
-        },
-        "layers": layers,
-    }
-
-
-class _SourceWeights:
-    """Lazy reader of the source export's ``<layer>.weight`` tensors (safetensors only)."""
-
-    def __init__(self, folder: str) -> None:
-        from safetensors import safe_open
-
-        self._open = safe_open
-        self._index: dict[str, Path] = {}
-        for f in sorted(Path(folder).glob("*.safetensors")):
-            if f.name == "masks.safetensors":
-                continue
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    self._index[key] = f
-
-    def get(self, layer: str) -> Tensor | None:
-        path = self._index.get(f"{layer}.weight")
-        if path is None:
-            return None
-        with self._open(str(path), framework="pt") as h:
-            return h.get_tensor(f"{layer}.weight")
+        self.report = build_finetune_report(trainer, pl_module, config=self.run_config)
+        verdict = write_export(
+            self.dirpath,
+            pl_module.lm,
+            pl_module.tokenizer,
+            pl_module.masks,
+            self.report,
+            transposed=pl_module.transposed,
+            method=pl_module.method,
+            adapter=adapter,
+        )
+        rank_zero_info(f"finetuned export written to {self.dirpath}: {verdict}")

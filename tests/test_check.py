@@ -21,8 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import prox24_lightning.callbacks as callbacks_mod
-from prox24_lightning.artifacts import check_export as legacy_check_export
+import prox24_lightning.check as check_mod
 from prox24_lightning.artifacts import load_masks
 from prox24_lightning.check import CheckResult, check_export
 from prox24_lightning.cli import _check_main, cli_main, main
@@ -126,11 +125,6 @@ def test_good_export_passes(run, capsys):
     # every tensor of the weight file was scanned, not only the 14 pruned layers
     with safe_open(str(run[2] / "model.safetensors"), framework="pt") as h:
         assert check_export(run[2]).tensors == len(list(h.keys())) > 14
-
-
-def test_artifacts_still_exports_the_checker(run):
-    assert legacy_check_export is check_export
-    assert legacy_check_export(run[2]).ok
 
 
 def test_good_finetuned_export_passes(finetuned, capsys):
@@ -389,7 +383,7 @@ def test_export_callback_refuses_to_publish_a_failing_export(run, tmp_path, monk
     """ExportPruned runs the same check before renaming its folder into place."""
     tmp, model, _ = run
     failing = CheckResult(ok=False, layers=1, problems=[f"{LAYER}: holds -0.0"])
-    monkeypatch.setattr(callbacks_mod, "check_export", lambda path: failing)
+    monkeypatch.setattr(check_mod, "check_export", lambda path: failing)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=rf"export check failed: FAIL: 1 problem\(s\): {LAYER}"):
         cli_main(_fit_args(tmp_path, model, out))

@@ -19,8 +19,8 @@ sys.path.insert(0, str(TOOLS))
 import compare  # noqa: E402
 from helpers import random_words  # noqa: E402
 
-from prox24_lightning.solvers import prune_weight  # noqa: E402
-from prox24_lightning.solvers.layer import RECIPES, TRACE_MAX_ROWS  # noqa: E402
+from prox24_lightning.solvers import RECIPES, make_config, prune_weight  # noqa: E402
+from prox24_lightning.solvers.layer import TRACE_MAX_ROWS  # noqa: E402
 from prox24_lightning.testing import save_tiny_model  # noqa: E402
 
 #: Three runs (each a subprocess paying ~6 s of imports); the dense ``validate`` path is tested
@@ -195,9 +195,9 @@ def test_plan_of_every_variant(tmp_path):
     assert "--model.init_args.solver.refine_steps=7" in plans["magnitude+GD"].args
     assert "--model.init_args.solver.refine=gd" in plans["prox+GD"].args
     paper = [a for a in plans["prox+GD-paper"].args if a.startswith("--model.init_args.solver=")]
-    solver = json.loads(paper[0].split("=", 1)[1])
-    assert solver["beta"] == 1.01 and solver["refine_steps"] == 1000 and solver["refine"] == "gd"
-    assert solver == {k: v for k, v in vars(RECIPES["paper"]).items()}
+    solver = make_config("prox", json.loads(paper[0].split("=", 1)[1]))
+    assert solver.beta == 1.01 and solver.refine_steps == 1000 and solver.refine == "gd"
+    assert solver == RECIPES["paper"]
     assert len({p.run_dir for p in plans.values()}) == len(plans)
     with pytest.raises(ValueError, match="--refine"):
         compare.plan_variants(cfg, tmp_path, ["wanda"], "cg", 5, ["model.init_args.method=prox"])

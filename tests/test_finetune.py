@@ -12,13 +12,8 @@ import yaml
 from helpers import callback, fit_args
 from transformers import AutoModelForCausalLM
 
-from prox24_lightning.artifacts import (
-    check_export,
-    check_weights,
-    load_masks,
-    load_masks_with_layout,
-    save_masks,
-)
+from prox24_lightning.artifacts import load_masks, load_masks_with_layout, save_masks, write_json
+from prox24_lightning.check import check_export, check_weights
 from prox24_lightning.cli import cli_main
 from prox24_lightning.finetune import MaskedFinetuner, MaskMismatchError
 from prox24_lightning.models import find_blocks, find_linear_layers, get_weight_matrix
@@ -162,6 +157,9 @@ def _synthetic_export(folder: Path, arch: str) -> Path:
     model.save_pretrained(folder)
     offline_tokenizer().save_pretrained(folder)
     save_masks(folder / "masks.safetensors", masks, transposed=transposed, method="magnitude")
+    # The checker compares the report's pruned layers with the masks and weights.
+    layers = {n: {"shape": list(m.shape), "is_2of4": True} for n, m in masks.items()}
+    write_json(folder / "sparsity_report.json", {"method": "magnitude", "layers": layers})
     return folder
 
 

@@ -25,7 +25,8 @@ from helpers import PROX_SOLVER, block_checkpoints, fit_args
 from safetensors.torch import load_file
 from torch import nn
 
-from prox24_lightning.artifacts import check_export, load_masks
+from prox24_lightning.artifacts import load_masks
+from prox24_lightning.check import check_export
 from prox24_lightning.cli import cli_main
 from prox24_lightning.evaluation import blockwise_logits
 from prox24_lightning.models import (
@@ -241,23 +242,23 @@ class SolveWatcher(L.Callback):
         self.steps: list[tuple[int, int, int, int]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        collector = pl_module._collector
+        collector = pl_module._stage.collector if pl_module._stage is not None else None
         groups = len(optimizer.param_groups) - 1  # minus the idle group
         grams = len(collector.grams) if collector is not None else 0
         self.steps.append((trainer.current_epoch, grams, len(self.live), groups))
 
 
 def test_grams_and_solves_are_released_as_layers_finish(tmp_path, text_files, monkeypatch):
-    import prox24_lightning.pruner as pruner_mod
+    import prox24_lightning.pipeline.stage as stage_mod
 
     live: weakref.WeakSet = weakref.WeakSet()
 
-    class Spy(pruner_mod.LayerSolve):
+    class Spy(stage_mod.LayerSolve):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             live.add(self)
 
-    monkeypatch.setattr(pruner_mod, "LayerSolve", Spy)
+    monkeypatch.setattr(stage_mod, "LayerSolve", Spy)
     model = save_tiny_model(tmp_path / "model", "llama", num_layers=2)
     watcher = SolveWatcher(live)
     extra = {"model.offload": "true", "model.solver.refine_steps": "0"}

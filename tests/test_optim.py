@@ -38,10 +38,15 @@ def make_problem(
     return target, LocalProblem(gram=norm.gram, target=target, lipschitz=lipschitz(norm.gram))
 
 
-def run_to_end(opt: Prox24, p: torch.Tensor, problem: LocalProblem, max_steps: int = 10000) -> int:
+def fresh(problem: LocalProblem) -> LocalProblem:
+    """The same local problem without its solve state (mask, CG vectors, previous iterate)."""
+    return LocalProblem(gram=problem.gram, target=problem.target, lipschitz=problem.lipschitz)
+
+
+def run_to_end(opt: Prox24, name: str = "w", max_steps: int = 10000) -> int:
     steps = 0
-    while opt.phase(p) != "done":
-        opt.step(problems=problem)
+    while opt.phase(name) != "done":
+        opt.step()
         steps += 1
         assert steps < max_steps
     return steps
@@ -53,9 +58,9 @@ def run_to_end(opt: Prox24, p: torch.Tensor, problem: LocalProblem, max_steps: i
 
 
 def test_step_calls_closure_once_and_returns_its_value():
-    target, problem = make_problem()
-    p = target.clone()
-    opt = Prox24([p], refine_steps=3)
+    _, problem = make_problem()
+    opt = Prox24(refine_steps=3)
+    opt.add_layer("w", problem)
     calls = []
     sentinel = object()
 
@@ -64,16 +69,16 @@ def test_step_calls_closure_once_and_returns_its_value():
         return sentinel
 
     for i in range(5):
-        assert opt.step(closure, problems=problem) is sentinel
+        assert opt.step(closure) is sentinel
         assert len(calls) == i + 1
     assert all(calls), "the closure runs with gradients enabled (Lightning backward inside)"
-    assert opt.step(problems=problem) is None
+    assert opt.step() is None
     # The closure is still called once per step after the solve is finished.
-    opt2 = Prox24([target.clone()], refine_steps=0)
-    p2 = opt2.param_groups[0]["params"][0]
-    run_to_end(opt2, p2, problem)
+    opt2 = Prox24(refine_steps=0)
+    opt2.add_layer("w", fresh(problem))
+    run_to_end(opt2)
     n = len(calls)
-    assert opt2.step(closure, problems=problem) is sentinel and len(calls) == n + 1
+    assert opt2.step(closure) is sentinel and len(calls) == n + 1
 
 
 @pytest.mark.parametrize(
@@ -82,16 +87,16 @@ def test_step_calls_closure_once_and_returns_its_value():
     ids=["gd", "cg", "cg-momentum"],
 )
 def test_step_under_bf16_autocast_is_identical_to_fp32(kwargs):
-    target, problem = make_problem(1)
+    _, problem = make_problem(1)
     results = []
     for autocast in (False, True):
-        p = target.clone()
-        prob = LocalProblem(gram=problem.gram, target=problem.target, lipschitz=problem.lipschitz)
-        opt = Prox24([p], refine_steps=30, **kwargs)
+        prob = fresh(problem)
+        opt = Prox24(refine_steps=30, **kwargs)
+        p = opt.add_layer("w", prob)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            run_to_end(opt, p, prob)
+            run_to_end(opt)
         assert p.dtype == torch.float32
-        results.append((p.clone(), prob.mask.clone(), dict(opt.state[p])))
+        results.append((p.clone(), prob.mask.clone(), dict(opt.layer_state("w"))))
     (pa, ma, sa), (pb, mb, sb) = results
     assert torch.equal(pa, pb) and torch.equal(ma, mb)
     assert sa == sb
@@ -115,9 +120,9 @@ def test_local_problem_is_fp32_under_autocast():
 
 def test_state_dict_holds_only_small_scalars():
     target, problem = make_problem(3, d_in=128, d_out=32)
-    p = target.clone()
-    opt = Prox24([{"params": [p], "name": "layer"}], refine_steps=20, momentum=0.9, refine="cg")
-    run_to_end(opt, p, problem)
+    opt = Prox24(refine_steps=20, momentum=0.9, refine="cg")
+    opt.add_layer("layer", problem)
+    run_to_end(opt, "layer")
     sd = opt.state_dict()
 
     def check(value):
@@ -133,41 +138,44 @@ def test_state_dict_holds_only_small_scalars():
             assert value is None or isinstance(value, bool | int | float | str)
 
     check(sd)
-    state = sd["state"][0]
+    # Index 0 is the idle placeholder (no state); the layer is index 1.
+    assert list(sd["state"]) == [1]
+    state = sd["state"][1]
     assert state["phase"] == "done" and state["refine_done"] == 20 and state["prox_steps"] > 0
     buf = io.BytesIO()
     torch.save(sd, buf)
     assert buf.tell() < 4096 < target.numel() * 4  # far smaller than one weight matrix
     # The state round-trips into a fresh optimizer (through torch.save / weights-only load).
     buf.seek(0)
-    q = target.clone()
-    opt2 = Prox24([{"params": [q], "name": "layer"}], refine_steps=20, momentum=0.9, refine="cg")
+    opt2 = Prox24(refine_steps=20, momentum=0.9, refine="cg")
+    opt2.add_layer("layer", fresh(problem))
     opt2.load_state_dict(torch.load(buf, weights_only=True))
-    assert opt2.phase(q) == "done" and opt2.state[q] == opt.state[p]
+    assert opt2.phase("layer") == "done" and opt2.layer_state("layer") == opt.layer_state("layer")
 
 
 @pytest.mark.parametrize("stop_after", [10, 10**6])
 def test_resume_from_state_dict_continues_identically(stop_after):
     """A solve interrupted (prox phase or refine phase) and resumed from ``state_dict`` gives the
     same weights as an uninterrupted one (plain prox: no hidden state besides the mask)."""
-    target, problem = make_problem(13)
-    ref = target.clone()
-    run_to_end(Prox24([ref], refine_steps=10), ref, problem)
+    _, problem = make_problem(13)
+    solo = Prox24(refine_steps=10)
+    ref = solo.add_layer("w", problem)
+    run_to_end(solo)
 
-    prob = LocalProblem(gram=problem.gram, target=problem.target, lipschitz=problem.lipschitz)
-    p = target.clone()
-    opt = Prox24([p], refine_steps=10)
+    prob = fresh(problem)
+    opt = Prox24(refine_steps=10)
+    p = opt.add_layer("w", prob)
     steps = 0
-    while opt.phase(p) == "prox" and steps < stop_after:
-        opt.step(problems=prob)
+    while opt.phase("w") == "prox" and steps < stop_after:
+        opt.step()
         steps += 1
     sd = opt.state_dict()
-    q = p.clone()
-    resumed = Prox24([q], refine_steps=10)
+    resumed = Prox24(refine_steps=10)
+    q = resumed.add_layer("w", prob, weight=p)
     resumed.load_state_dict(sd)
-    assert resumed.state[q] == opt.state[p]
-    assert resumed.phase(q) in ("prox", "refine")
-    run_to_end(resumed, q, prob)  # the mask lives in the problem, which the caller keeps
+    assert resumed.layer_state("w") == opt.layer_state("w")
+    assert resumed.phase("w") in ("prox", "refine")
+    run_to_end(resumed)  # the mask lives in the problem, which the caller keeps
     assert torch.equal(q, ref)
 
 
@@ -191,9 +199,9 @@ class CountGemms(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _gemms_of_step(opt: Prox24, problem: LocalProblem) -> int:
+def _gemms_of_step(opt: Prox24) -> int:
     with CountGemms() as counter:
-        opt.step(problems=problem)
+        opt.step()
     return counter.count
 
 
@@ -209,14 +217,14 @@ def test_counter_sees_matmul_operator():
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("refine", ["gd", "cg"])
 def test_one_gemm_per_iteration(refine, momentum):
-    target, problem = make_problem(4)
-    p = target.clone()
-    opt = Prox24([p], refine_steps=15, refine=refine, momentum=momentum)
+    _, problem = make_problem(4)
+    opt = Prox24(refine_steps=15, refine=refine, momentum=momentum)
+    opt.add_layer("w", problem)
     prox_counts, refine_counts = [], []
-    while opt.phase(p) != "done":
-        phase = opt.phase(p)
-        (prox_counts if phase == "prox" else refine_counts).append(_gemms_of_step(opt, problem))
-    assert len(prox_counts) == opt.state[p]["prox_steps"] > 10
+    while opt.phase("w") != "done":
+        phase = opt.phase("w")
+        (prox_counts if phase == "prox" else refine_counts).append(_gemms_of_step(opt))
+    assert len(prox_counts) == opt.layer_state("w")["prox_steps"] > 10
     assert prox_counts == [1] * len(prox_counts)
     assert len(refine_counts) == 15
     if refine == "gd":
@@ -225,7 +233,7 @@ def test_one_gemm_per_iteration(refine, momentum):
         # CG's initial residual needs W H̃ once more on its first step; every later step is one.
         assert refine_counts == [2] + [1] * 14
     # A finished optimizer does no work.
-    assert _gemms_of_step(opt, problem) == 0
+    assert _gemms_of_step(opt) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,20 +244,20 @@ def test_one_gemm_per_iteration(refine, momentum):
 def test_lambda_schedule_and_iterates_follow_algorithm_2():
     lambda0, beta = 0.02, 1.05
     target, problem = make_problem(5)
-    p = target.clone()
-    opt = Prox24([p], lambda0=lambda0, beta=beta, refine_steps=0)
+    opt = Prox24(lambda0=lambda0, beta=beta, refine_steps=0)
+    p = opt.add_layer("w", problem)
     w = target.clone()
     inv_l = 1.0 / problem.lipschitz
     for k in range(12):
-        assert opt.phase(p) == "prox"
-        opt.step(problems=problem)
-        st = opt.state[p]
+        assert opt.phase("w") == "prox"
+        opt.step()
+        st = opt.layer_state("w")
         assert st["prox_steps"] == k + 1
         # The k-th iteration (from 0) uses lambda_k = lambda0 * beta^k.
         assert st["lam"] == pytest.approx(lambda0 * beta**k, rel=1e-12)
         # Independent replay of W <- prox_{(lambda_k / L) r}(W - (W - Ŵ̃) H̃ / L).
         w = prox_2of4(w - inv_l * ((w - target) @ problem.gram), lambda0 * beta**k * inv_l)
-        if opt.phase(p) == "prox":
+        if opt.phase("w") == "prox":
             # (the replay's gradient rounds differently: compare to fp32 precision of max |W|)
             assert torch.allclose(p, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
             assert torch.equal(p != 0, w != 0)
@@ -259,16 +267,16 @@ def test_lambda_schedule_and_iterates_follow_algorithm_2():
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_phase_switches_to_refine_exactly_when_every_group_is_2of4(momentum):
     target, problem = make_problem(6)
-    p = target.clone()
-    opt = Prox24([p], refine_steps=5, momentum=momentum)
+    opt = Prox24(refine_steps=5, momentum=momentum)
+    p = opt.add_layer("w", problem)
     while True:
-        opt.step(problems=problem)
-        if opt.phase(p) != "prox":
+        opt.step()
+        if opt.phase("w") != "prox":
             break
         assert not is_2of4(p), "still in the prox phase although the iterate is 2:4"
-        assert opt.state[p]["frac_2of4"] < 1.0
-    st = opt.state[p]
-    assert opt.phase(p) == "refine" and st["forced"] == 0 and st["frac_2of4"] == 1.0
+        assert opt.layer_state("w")["frac_2of4"] < 1.0
+    st = opt.layer_state("w")
+    assert opt.phase("w") == "refine" and st["forced"] == 0 and st["frac_2of4"] == 1.0
     assert st["refine_done"] == 0
     mask = problem.mask
     assert mask is not None and mask.dtype == torch.bool
@@ -285,74 +293,97 @@ def test_phase_switches_to_refine_exactly_when_every_group_is_2of4(momentum):
         n_fill = int(filled[row, grp].sum())
         best = torch.topk(torch.where(free, g_target[row, grp], -1.0), n_fill).indices
         assert bool(filled[row, grp, best].all())
-    run_to_end(opt, p, problem)
-    assert opt.state[p]["refine_done"] == 5
+    run_to_end(opt)
+    assert opt.layer_state("w")["refine_done"] == 5
     assert torch.equal(p, apply_mask(p, mask))
 
 
 def test_max_prox_steps_forces_2of4_by_magnitude():
-    target, problem = make_problem(7)
-    p = target.clone()
-    opt = Prox24([p], refine_steps=0, max_prox_steps=3)
+    _, problem = make_problem(7)
+    opt = Prox24(refine_steps=0, max_prox_steps=3)
+    p = opt.add_layer("w", problem)
     for _ in range(3):
-        opt.step(problems=problem)
-    st = opt.state[p]
-    assert opt.phase(p) == "done" and st["forced"] == 1 and st["prox_steps"] == 3
+        opt.step()
+    st = opt.layer_state("w")
+    assert opt.phase("w") == "done" and st["forced"] == 1 and st["prox_steps"] == 3
     assert bool((group_view(problem.mask).sum(-1) == 2).all())
     assert is_2of4(p) and bool(problem.mask[p != 0].all())
 
 
-def test_start_refinement_skips_the_prox_phase():
+def test_add_layer_with_mask_skips_the_prox_phase():
     target, problem = make_problem(8)
     mask = group_view(target.abs()).argsort(-1).argsort(-1).reshape(target.shape) >= 2
-    p = target.clone()
-    opt = Prox24([p], refine_steps=50, refine="gd")
-    opt.start_refinement(p, problem, mask)
-    assert opt.phase(p) == "refine" and torch.equal(p, apply_mask(target, mask))
+    opt = Prox24(refine_steps=50, refine="gd")
+    p = opt.add_layer("w", problem, mask=mask)
+    assert opt.phase("w") == "refine" and torch.equal(p, apply_mask(target, mask))
+    assert problem.mask is mask and torch.equal(problem.target, target)  # the target is not touched
     start = problem.loss(p)
     losses = []
-    while opt.phase(p) != "done":
-        opt.step(problems=problem)
+    while opt.phase("w") != "done":
+        opt.step()
         losses.append(problem.loss(p))
-    assert opt.state[p]["prox_steps"] == 0 and opt.state[p]["refine_done"] == 50
+    st = opt.layer_state("w")
+    assert st["prox_steps"] == 0 and st["refine_done"] == 50
     # Masked gradient descent with step 1/L is monotone on a quadratic.
     assert all(b <= a * (1 + 1e-6) for a, b in zip([start, *losses], losses, strict=False))
     assert losses[-1] < 0.5 * start
     assert torch.equal(p != 0, mask & (p != 0)) and is_2of4(p)
-    q = target.clone()
-    opt0 = Prox24([q], refine_steps=0)
-    opt0.start_refinement(q, problem, mask)
-    assert opt0.phase(q) == "done"
+    opt0 = Prox24(refine_steps=0)
+    opt0.add_layer("w", fresh(problem), mask=mask)
+    assert opt0.phase("w") == "done"
 
 
-def test_param_groups_by_name():
+def test_layers_advance_independently_and_removed_layers_stop():
     ta, pa_problem = make_problem(9, d_in=32, d_out=8)
     tb, pb_problem = make_problem(10, d_in=64, d_out=4)
-    a, b = ta.clone(), tb.clone()
-    opt = Prox24(
-        [{"params": [a], "name": "a"}, {"params": [b], "name": "b", "lambda0": 0.5}],
-        refine_steps=4,
-    )
-    opt.step(problems={"a": pa_problem, "b": pb_problem})
+    # Each layer solved alone: the reference for the two-layer optimizer.
+    refs = {}
+    for name, problem, hp in (("a", pa_problem, {}), ("b", pb_problem, {"lambda0": 0.5})):
+        solo = Prox24(refine_steps=4, **hp)
+        refs[name] = solo.add_layer(name, fresh(problem))
+        run_to_end(solo, name)
+
+    def two_layers() -> tuple[Prox24, torch.Tensor, torch.Tensor]:
+        opt = Prox24(refine_steps=4)
+        a = opt.add_layer("a", fresh(pa_problem))
+        b = opt.add_layer("b", fresh(pb_problem), lambda0=0.5)  # a per-layer override
+        assert opt.layers == ["a", "b"] and opt.weight("a") is a and opt.weight("b") is b
+        assert opt.param_groups[0]["name"] == Prox24.IDLE
+        return opt, a, b
+
+    opt, a, b = two_layers()
+    opt.step()
     assert not torch.equal(a, ta) and not torch.equal(b, tb)
-    assert opt.state[a]["lam"] == pytest.approx(0.01) and opt.state[b]["lam"] == pytest.approx(0.5)
-    # A name missing from the mapping is left untouched: weights and state.
-    b_before, b_state = b.clone(), dict(opt.state[b])
-    for _ in range(3):
-        opt.step(problems={"a": pa_problem})
-    assert torch.equal(b, b_before) and dict(opt.state[b]) == b_state
-    assert opt.state[a]["prox_steps"] == 4 and opt.state[b]["prox_steps"] == 1
-    # Unknown names are ignored.
-    a_before = a.clone()
-    opt.step(problems={"c": pa_problem})
-    assert torch.equal(a, a_before) and opt.state[a]["prox_steps"] == 4
-    # Both finish independently.
+    assert opt.layer_state("a")["lam"] == pytest.approx(0.01)
+    assert opt.layer_state("b")["lam"] == pytest.approx(0.5)
+    # Both finish independently, each exactly as when solved alone.
     for _ in range(10000):
         if opt.finished():
             break
-        opt.step(problems={"a": pa_problem, "b": pb_problem})
+        opt.step()
     assert opt.finished() and is_2of4(a) and is_2of4(b)
-    assert opt.state[a]["refine_done"] == 4 and opt.state[b]["refine_done"] == 4
+    assert opt.layer_state("a")["refine_done"] == 4 and opt.layer_state("b")["refine_done"] == 4
+    assert torch.equal(a, refs["a"]) and torch.equal(b, refs["b"])
+
+    # A layer removed mid-solve stops changing; its state and problem are gone.
+    opt, a, b = two_layers()
+    opt.step()
+    assert opt.phase("b") != "done"
+    b_before = b.clone()
+    opt.remove_layer("b")
+    assert opt.layers == ["a"] and "b" not in opt.problems and b not in opt.state
+    assert all(b is not q for g in opt.param_groups for q in g["params"])
+    with pytest.raises(KeyError, match="b"):
+        opt.phase("b")
+    with pytest.raises(KeyError, match="b"):
+        opt.remove_layer("b")
+    for _ in range(3):
+        opt.step()
+    assert torch.equal(b, b_before)
+    assert opt.layer_state("a")["prox_steps"] == 4
+    # The remaining layer finishes as when solved alone.
+    run_to_end(opt, "a")
+    assert opt.finished() and torch.equal(a, refs["a"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,22 +405,46 @@ def test_param_groups_by_name():
 )
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Prox24([torch.zeros(4, 8)], **kwargs)
+        Prox24(**kwargs)
+
+
+def test_add_layer_refuses_duplicates_and_unknown_settings():
+    target, problem = make_problem(14, d_in=32, d_out=4)
+    opt = Prox24(refine_steps=2)
+    assert opt.layers == [] and opt.finished()  # only the idle placeholder
+    w = opt.add_layer("w", problem)
+    # The working weight is a copy: the problem's target never moves.
+    assert w is not problem.target and torch.equal(w, target)
+    opt.step()
+    assert not torch.equal(w, target) and torch.equal(problem.target, target)
+    state = dict(opt.layer_state("w"))
+    with pytest.raises(ValueError, match="already"):
+        opt.add_layer("w", problem)
+    with pytest.raises(ValueError, match="already"):
+        opt.add_layer(Prox24.IDLE, problem)
+    with pytest.raises(TypeError, match="unknown.*lr"):
+        opt.add_layer("x", problem, lr=0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_layer("y", problem, momentum=1.0)  # per-layer overrides are checked too
+    # Nothing was added by the refused calls, and the existing layer is untouched.
+    assert opt.layers == ["w"] and list(opt.problems) == ["w"] and len(opt.param_groups) == 2
+    assert dict(opt.layer_state("w")) == state
 
 
 def test_beta_one_is_allowed_and_constant():
-    target, problem = make_problem(11, d_in=32, d_out=4)
-    p = target.clone()
-    opt = Prox24([p], beta=1.0, lambda0=0.3)
+    _, problem = make_problem(11, d_in=32, d_out=4)
+    opt = Prox24(beta=1.0, lambda0=0.3)
+    opt.add_layer("w", problem)
     for _ in range(3):
-        opt.step(problems=problem)
-    assert opt.state[p]["lam"] == 0.3
+        opt.step()
+    assert opt.layer_state("w")["lam"] == 0.3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_are_rejected(dtype):
     target, problem = make_problem(12, d_in=32, d_out=4)
-    p = target.to(dtype)
-    opt = Prox24([p])
+    opt = Prox24()
+    p = opt.add_layer("w", problem, weight=target.to(dtype))
+    assert p.dtype == dtype
     with pytest.raises(TypeError, match="fp32"):
-        opt.step(problems=problem)
+        opt.step()

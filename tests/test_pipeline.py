@@ -9,7 +9,8 @@ import torch
 from helpers import PROX_SOLVER, callback, fit_args
 from transformers import AutoModelForCausalLM
 
-from prox24_lightning.artifacts import check_export, load_masks
+from prox24_lightning.artifacts import load_masks
+from prox24_lightning.check import check_export
 from prox24_lightning.cli import cli_main
 from prox24_lightning.models import find_blocks, find_linear_layers, get_weight_matrix
 from prox24_lightning.testing import save_tiny_model

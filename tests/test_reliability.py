@@ -23,7 +23,8 @@ from helpers import PROX_SOLVER, block_checkpoints, fit_args
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from prox24_lightning.artifacts import check_export, load_masks, save_masks
+from prox24_lightning.artifacts import load_masks, save_masks
+from prox24_lightning.check import check_export
 from prox24_lightning.cli import cli_main
 from prox24_lightning.models import find_blocks
 from prox24_lightning.pruner import BlockwisePruner
@@ -449,16 +450,20 @@ def test_blocks_without_linear_layers_are_refused(model_dir):
 
 # ------------------------------------------------------------------------------ low precision
 def test_bf16_model_end_to_end_solves_in_fp32(tmp_path, model_dir, text, monkeypatch):
-    import prox24_lightning.pruner as pruner_mod
+    import prox24_lightning.pipeline.stage as stage_mod
 
     seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
 
-    class Spy(pruner_mod.LayerSolve):
+    class Spy(stage_mod.LayerSolve):
         def __init__(self, weight, gram, method, config):
             super().__init__(weight, gram, method, config)
-            seen.append((weight.dtype, gram.dtype, self.work.dtype))
+            self.input_dtypes = (weight.dtype, gram.dtype)
 
-    monkeypatch.setattr(pruner_mod, "LayerSolve", Spy)
+        def attach(self, optimizer, name):
+            super().attach(optimizer, name)
+            seen.append((*self.input_dtypes, self.work.dtype))
+
+    monkeypatch.setattr(stage_mod, "LayerSolve", Spy)
     out = tmp_path / "run"
     _fit(
         model_dir,

@@ -66,13 +66,10 @@ def correlated_features(
 
 
 def recipe(name: str, **overrides: Any) -> dict[str, Any]:
-    """The named solver recipe of ``prox24_lightning.solvers.layer.RECIPES`` as keyword arguments
-    for ``prune_weight``, with ``overrides`` applied.
-
-    ``RECIPES`` values are plain dicts or ``SolverConfig`` dataclasses depending on the library
-    version; both become a fresh dict, so callers can never mutate the shared recipe.
+    """The named prox recipe of ``prox24_lightning.solvers.RECIPES`` as keyword arguments for
+    ``prune_weight``, with ``overrides`` applied (a fresh dict: the shared recipe never changes).
     """
-    from prox24_lightning.solvers.layer import RECIPES
+    from prox24_lightning.solvers import RECIPES
 
     value = RECIPES[name]
     kwargs = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)

@@ -136,18 +136,18 @@ def capture_alg2_inputs(
     norm = normalize(h)
     target_w = norm.to_normalized(w)
     problem = LocalProblem(gram=norm.gram, target=target_w, lipschitz=lipschitz(norm.gram))
-    work = target_w.clone()
-    opt = Prox24([work], lambda0=lambda0, beta=beta, refine_steps=0, max_prox_steps=max_iters)
+    opt = Prox24(lambda0=lambda0, beta=beta, refine_steps=0, max_prox_steps=max_iters)
+    work = opt.add_layer("layer", problem)
     inv_l = 1.0 / problem.lipschitz
     pending = sorted(targets)
     captured: list[dict[str, Any]] = []
-    while pending and opt.phase(work) == "prox":
-        k = opt.state[work]["prox_steps"]
+    while pending and opt.phase("layer") == "prox":
+        k = opt.layer_state("layer")["prox_steps"]
         # The exact input and tau of this iteration's prox (momentum 0, so no extrapolation).
         z = work - inv_l * problem.gradient(work)
         tau = lambda0 * beta**k * inv_l
-        opt.step(problems=problem)
-        frac = opt.state[work]["frac_2of4"]
+        opt.step()
+        frac = opt.layer_state("layer")["frac_2of4"]
         while pending and frac >= pending[0]:
             captured.append(dict(target=pending.pop(0), z=z, tau=tau, iteration=k, fraction=frac))
     return captured

@@ -29,7 +29,7 @@ from prox24_lightning.models import (
     load_causal_lm,
     run_block,
 )
-from prox24_lightning.solvers import RECIPES, SolverConfig, prune_weight
+from prox24_lightning.solvers import RECIPES, MethodConfig, prune_weight
 
 
 def capture_layers(
@@ -66,7 +66,7 @@ def capture_layers(
     return out
 
 
-def run(layers, variants: dict[str, tuple[str, SolverConfig]]) -> list[dict]:
+def run(layers, variants: dict[str, tuple[str, MethodConfig]]) -> list[dict]:
     rows = []
     for lname, (w, h) in layers.items():
         for label, (method, cfg) in variants.items():
@@ -125,7 +125,7 @@ def main() -> None:
     layers = capture_layers(args.model, args.blocks, args.nsamples, args.seqlen, batch=8)
     variants = {"prox paper": ("prox", RECIPES["paper"]), "prox fast": ("prox", RECIPES["fast"])}
     if args.baselines:
-        cg = SolverConfig(refine="cg", refine_steps=50)
+        cg = MethodConfig(refine="cg", refine_steps=50)
         variants |= {"wanda+cg": ("wanda", cg), "sparsegpt+cg": ("sparsegpt", cg)}
     rows = run(layers, variants)
     table = summarise(rows)

@@ -146,12 +146,11 @@ def _model_init_args(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def config_refinement(cfg: dict[str, Any]) -> tuple[str, int]:
     """The config's refinement mode and steps (``null`` steps: the prox default, 1000)."""
-    solver = _model_init_args(cfg).get("solver") or {}
-    if isinstance(solver, dict) and isinstance(solver.get("init_args"), dict):
-        solver = solver["init_args"]
-    mode = str(solver.get("refine") or "gd")
-    steps = solver.get("refine_steps")
-    return mode, 1000 if steps is None else int(steps)
+    from prox24_lightning.solvers import make_config
+
+    solver = make_config("prox", _model_init_args(cfg).get("solver") or {})
+    steps = solver.refine_steps
+    return solver.refine, 1000 if steps is None else int(steps)
 
 
 def _check_config(cfg: dict[str, Any], path: Path) -> None:
@@ -175,11 +174,8 @@ def _path_overrides(cfg: dict[str, Any], run_dir: Path) -> list[str]:
 
 
 def paper_solver() -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from prox24_lightning.solvers.layer import RECIPES
-
-    return asdict(RECIPES["paper"])
+    """The paper's recipe by name (``RECIPES["paper"]``), replacing the config's solver."""
+    return {"recipe": "paper"}
 
 
 _RESERVED_SETS = ("method", "solver.refine", "solver.refine_steps", "default_root_dir")
@@ -225,8 +221,7 @@ def plan_variants(
             method = name.split("+")[0]
             own = ["--model.init_args.method", method]
             if name == "prox+GD-paper":
-                # The whole solver as one JSON value: every field is the recipe's (a nested
-                # ``...solver.beta_tail=null`` is refused by jsonargparse).
+                # The whole solver as one JSON value, so no key of the config's solver remains.
                 own += [f"--model.init_args.solver={json.dumps(paper_solver())}"]
             elif refined(name):
                 own += [f"{solver}refine={refine}", f"{solver}refine_steps={refine_steps}"]

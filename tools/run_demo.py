@@ -58,7 +58,7 @@ def main() -> None:
     for k, v in dense.items():
         print(f"| dense | {v:.3f} ({k}) | |")
     for method, report, seconds in rows:
-        solver = report.get("hparams", {}).get("solver", {})
+        solver = (report.get("fingerprint") or {}).get("solver", {})  # the resolved config
         label = f"{method}+GD ({solver.get('refine')} x{solver.get('refine_steps')})"
         for k, v in report.get("perplexity", {}).get("pruned", {}).items():
             print(f"| {label} | {v:.3f} ({k}) | {seconds:.0f} s |")

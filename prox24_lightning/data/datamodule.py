@@ -180,18 +180,20 @@ class PruningDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             name = self.tokenizer_name
             if not name:
-                # By default the tokenizer is the model's: the LightningModule names its source.
-                trainer = getattr(self, "trainer", None)
-                module = getattr(trainer, "lightning_module", None) if trainer else None
-                name = getattr(module, "tokenizer_source", None)
-            if not name:
                 raise ValueError(
-                    "PruningDataModule needs a tokenizer: pass tokenizer=<hub id or directory>, "
-                    "attach it to a Trainer whose module has tokenizer_source, or call "
-                    "set_tokenizer()"
+                    "PruningDataModule needs a tokenizer: pass tokenizer=<hub id or directory> "
+                    "(the prox24 CLI links it to the model path) or call set_tokenizer()"
                 )
             self._tokenizer = _load_tokenizer(name)
         return self._tokenizer
+
+    def check_fits(self, max_positions: int | None, *, fitting: bool) -> None:
+        """Refuse windows longer than the model's ``max_positions`` (calibration windows when
+        ``fitting``; evaluation windows whenever evaluation sets are configured)."""
+        if fitting:
+            check_seqlen(self.seqlen, max_positions, what="seqlen")
+        if self.val_names:
+            check_seqlen(self.eval_seqlen, max_positions, what="eval_seqlen")
 
     # ------------------------------------------------------------------------ the life cycle
 

@@ -24,7 +24,7 @@ Reference: Kübler et al., "A Proximal Operator for Inducing 2:4-Sparsity", TMLR
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,12 +81,34 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def _check_hparams(h: dict) -> None:
+    """Refuse settings that cannot work, naming them (before any iteration)."""
+    if not 0.0 < h["switch_at"] <= 1.0:
+        raise ValueError(f"switch_at must be in (0, 1], got {h['switch_at']}")
+    if h["beta_tail"] is not None and h["beta_tail"] < 1:
+        raise ValueError(f"beta_tail must be >= 1, got {h['beta_tail']}")
+    if h["lambda0"] <= 0 or h["beta"] < 1:
+        raise ValueError(
+            f"need lambda0 > 0 and beta >= 1, got lambda0={h['lambda0']} beta={h['beta']}"
+        )
+    if not 0.0 <= h["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {h['momentum']}")
+    if h["refine"] not in ("gd", "cg"):
+        raise ValueError(f"refine must be 'gd' or 'cg', got {h['refine']!r}")
+    if h["refine_steps"] < 0:
+        raise ValueError(f"refine_steps must be >= 0, got {h['refine_steps']}")
+
+
 class Prox24(torch.optim.Optimizer):
     """Proximal-gradient 2:4 pruner with a geometric lambda schedule, then masked refinement.
 
+    The optimizer owns its problems: a layer joins with :meth:`add_layer` (its working weight
+    becomes a param group named after the layer, its :class:`LocalProblem` is kept by name) and
+    leaves with :meth:`remove_layer`; :meth:`step` advances every layer that is not done by one
+    iteration. The keyword arguments are the defaults of every layer; :meth:`add_layer` may
+    override them per layer.
+
     Args:
-        params: weight tensors (fp32, normalised coordinates) or param groups. Each group may carry
-            a ``"name"`` so that :meth:`step` can be given problems by name.
         lambda0: first regularisation strength (paper: 0.01; 1e-3 for 70B models).
         beta: geometric growth of lambda per iteration (paper: 1.01; 1.005 for 70B models).
         refine_steps: refinement iterations once the weights are 2:4 (paper: 1000).
@@ -106,9 +128,12 @@ class Prox24(torch.optim.Optimizer):
         tail_from: fraction of 2:4 groups where ``beta_tail`` takes over.
     """
 
+    #: name of the placeholder group that keeps the optimizer valid without layers (torch
+    #: optimizers refuse an empty parameter list).
+    IDLE = "_idle"
+
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict],
         *,
         lambda0: float = 0.01,
         beta: float = 1.01,
@@ -120,16 +145,6 @@ class Prox24(torch.optim.Optimizer):
         beta_tail: float | None = None,
         tail_from: float = 0.9,
     ) -> None:
-        if not 0.0 < switch_at <= 1.0:
-            raise ValueError(f"switch_at must be in (0, 1], got {switch_at}")
-        if beta_tail is not None and beta_tail < 1:
-            raise ValueError(f"beta_tail must be >= 1, got {beta_tail}")
-        if lambda0 <= 0 or beta < 1:
-            raise ValueError(f"need lambda0 > 0 and beta >= 1, got {lambda0=} {beta=}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if refine not in ("gd", "cg"):
-            raise ValueError(f"refine must be 'gd' or 'cg', got {refine!r}")
         defaults = dict(
             lambda0=lambda0,
             beta=beta,
@@ -142,7 +157,72 @@ class Prox24(torch.optim.Optimizer):
             tail_from=tail_from,
             name=None,
         )
-        super().__init__(params, defaults)
+        _check_hparams(defaults)
+        super().__init__([{"params": [torch.zeros(1)], "name": self.IDLE}], defaults)
+        #: layer name -> its local problem (the large per-layer tensors live here, never in
+        #: ``self.state``, so Lightning checkpoints hold only a few scalars per layer).
+        self.problems: dict[str, LocalProblem] = {}
+
+    # -- layers ----------------------------------------------------------------------------------
+    def add_layer(
+        self,
+        name: str,
+        problem: LocalProblem,
+        *,
+        weight: Tensor | None = None,
+        mask: Tensor | None = None,
+        **hparams: object,
+    ) -> Tensor:
+        """Add one layer; returns its working weight (a copy of ``weight``, default the target).
+
+        Args:
+            name: the layer's name (unique among the layers being solved).
+            problem: its :class:`LocalProblem`.
+            weight: the starting point (e.g. a baseline's pruned weight); default ``Ŵ̃``.
+            mask: skip the proximal phase and refine on this fixed 2:4 support ("+GD" after a
+                baseline).
+            hparams: per-layer overrides of the defaults (``lambda0``, ``beta``, ...).
+        """
+        if name in self.problems or name == self.IDLE:
+            raise ValueError(f"layer {name!r} is already in the optimizer")
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"unknown Prox24 settings {sorted(unknown)}")
+        _check_hparams({**self.defaults, **hparams})
+        work = (problem.target if weight is None else weight).detach().clone()
+        self.add_param_group({"params": [work], **hparams, "name": name})
+        self.problems[name] = problem
+        self._state(work)
+        if mask is not None:
+            self.start_refinement(work, problem, mask)
+        return work
+
+    def remove_layer(self, name: str) -> None:
+        """Drop a layer, its state and its problem (after its result was taken)."""
+        group = self._group(name)
+        for p in group["params"]:
+            self.state.pop(p, None)
+        self.param_groups[:] = [g for g in self.param_groups if g is not group]
+        self.problems.pop(name, None)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the layers in the optimizer, in the order they were added."""
+        return [g["name"] for g in self.param_groups if g["name"] in self.problems]
+
+    def weight(self, name: str) -> Tensor:
+        """The working weight of layer ``name``."""
+        return self._group(name)["params"][0]
+
+    def layer_state(self, name: str) -> dict:
+        """The scalar state of layer ``name`` (phase, steps, lambda, 2:4 fraction, ...)."""
+        return self._state(self.weight(name))
+
+    def _group(self, name: str) -> dict:
+        for g in self.param_groups:
+            if g["name"] == name:
+                return g
+        raise KeyError(f"layer {name!r} is not in the optimizer")
 
     # -- state helpers --------------------------------------------------------------------------
     def _state(self, p: Tensor) -> dict:
@@ -177,12 +257,12 @@ class Prox24(torch.optim.Optimizer):
         for p, phase in phases.items():
             self.state[p]["phase"] = phase
 
-    def phase(self, p: Tensor) -> str:
+    def phase(self, name: str) -> str:
         """``"prox"``, ``"refine"`` or ``"done"``."""
-        return self._state(p)["phase"]
+        return self.layer_state(name)["phase"]
 
     def finished(self) -> bool:
-        return all(self.phase(p) == "done" for g in self.param_groups for p in g["params"])
+        return all(self.phase(n) == "done" for n in self.problems)
 
     def start_refinement(self, p: Tensor, problem: LocalProblem, mask: Tensor) -> None:
         """Skip the proximal phase: refine ``p`` on a given mask ("+GD" after a baseline)."""
@@ -200,31 +280,21 @@ class Prox24(torch.optim.Optimizer):
 
     # -- the iteration ---------------------------------------------------------------------------
     @torch.no_grad()
-    def step(  # type: ignore[override]
-        self,
-        closure: Callable[[], object] | None = None,
-        *,
-        problems: Mapping[str, LocalProblem] | LocalProblem,
-    ) -> object:
-        """One iteration for every parameter that has a problem and is not finished.
+    def step(self, closure: Callable[[], object] | None = None) -> object:  # type: ignore[override]
+        """One iteration for every layer that is not done.
 
         Args:
             closure: called first (Lightning runs ``on_before_optimizer_step`` hooks inside it).
-            problems: a :class:`LocalProblem` (single-parameter optimizers) or a mapping from the
-                param group ``name`` to its problem.
         """
         result = None
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
         for group in self.param_groups:
+            problem = self.problems.get(group["name"])
+            if problem is None:
+                continue
             for p in group["params"]:
-                if isinstance(problems, LocalProblem):
-                    problem = problems
-                elif group["name"] in problems:
-                    problem = problems[group["name"]]
-                else:
-                    continue
                 with _no_autocast(p.device.type):
                     self._iterate(p, group, problem)
         return result

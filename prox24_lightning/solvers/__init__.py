@@ -1,24 +1,36 @@
-"""Layer-level pruning: one entry point, :func:`prune_weight`, for every method."""
+"""Layer-level pruning: the method registry and one entry point, :func:`prune_weight`."""
 
 from .baselines import magnitude_prune, sparsegpt_prune, wanda_prune
-from .layer import (
+from .layer import LayerSolve, PruneResult, PruneStats, optimizer_hparams, prune_weight
+from .methods import (
     METHODS,
     RECIPES,
-    LayerSolve,
-    PruneResult,
-    PruneStats,
-    SolverConfig,
-    prune_weight,
+    MagnitudeConfig,
+    MethodConfig,
+    ProxConfig,
+    PruningMethod,
+    SparseGPTConfig,
+    WandaConfig,
+    get_method,
+    make_config,
 )
 
 __all__ = [
     "METHODS",
     "RECIPES",
     "LayerSolve",
+    "MagnitudeConfig",
+    "MethodConfig",
+    "ProxConfig",
     "PruneResult",
     "PruneStats",
-    "SolverConfig",
+    "PruningMethod",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "get_method",
     "magnitude_prune",
+    "make_config",
+    "optimizer_hparams",
     "prune_weight",
     "sparsegpt_prune",
     "wanda_prune",

@@ -1,18 +1,19 @@
 """One entry point per layer, :func:`prune_weight`, and the :class:`LayerSolve` behind it.
 
-``prune_weight(weight, gram, method)`` normalises the problem (paper.md §4.1), runs the chosen
-method through the :class:`~prox24_lightning.optim.Prox24` optimizer, optionally refines the kept
-weights on the fixed mask ("+GD"), maps back to the original coordinates and returns an exactly
-2:4 weight in the input dtype. The Lightning pipeline drives the same :class:`LayerSolve` objects
-through its own (Lightning-wrapped) optimizer, so both paths compute the same thing.
+``prune_weight(weight, gram, method)`` normalises the problem (paper.md §4.1), starts the chosen
+method (:data:`~prox24_lightning.solvers.methods.METHODS`) in the
+:class:`~prox24_lightning.optim.Prox24` optimizer, optionally refines the kept weights on the
+fixed mask ("+GD"), maps back to the original coordinates and returns an exactly 2:4 weight in
+the input dtype. The pipeline drives the same :class:`LayerSolve` objects through its own
+(Lightning-wrapped) optimizer, so both paths compute the same thing.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,92 +21,17 @@ from torch import Tensor
 from ..ops.gram import lipschitz, normalize
 from ..ops.masks import apply_mask, is_2of4
 from ..optim.prox24 import LocalProblem, Prox24
-from .baselines import magnitude_prune, sparsegpt_prune, wanda_prune
+from .methods import METHODS, RECIPES, MethodConfig, ProxConfig, get_method, make_config
 
 __all__ = [
     "METHODS",
     "RECIPES",
     "LayerSolve",
+    "optimizer_hparams",
     "PruneResult",
     "PruneStats",
-    "SolverConfig",
     "prune_weight",
 ]
-
-Method = Literal["magnitude", "wanda", "sparsegpt", "prox"]
-METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "prox")
-
-
-@dataclass
-class SolverConfig:
-    """Hyper-parameters of the layer solvers (all in the normalised coordinates).
-
-    Attributes:
-        refine_steps: masked refinement iterations after the method; ``None`` means the method's
-            default (1000 for prox, 0 for the baselines). ``> 0`` after a baseline is its "+GD".
-        refine: ``"gd"`` (the paper's masked gradient, step ``1/L``) or ``"cg"`` (conjugate
-            gradients on the fixed support: same limit, the per-row refit, in far fewer GEMMs).
-        lambda0: first lambda of the prox schedule (paper: 0.01; 1e-3 for 70B).
-        lambda_scale: ``absolute`` uses ``lambda0`` as given (the paper); ``rms`` divides it by the
-            RMS of the layer's normalised weights. ``r`` is cubic, so ``prox_{c lam r}(c z) =
-            c prox_{lam c r}(z)``: only ``lambda * scale`` matters, and with ``rms`` every layer
-            starts at the same point of its own path (layers with small normalised weights no
-            longer need hundreds of extra iterations).
-        beta: geometric growth of lambda per prox iteration (paper: 1.01; 1.005 for 70B).
-        momentum: extrapolation in the prox phase; 0 is the paper's plain proximal gradient.
-        max_prox_steps: cap on prox iterations (then forced to 2:4 by magnitude, reported).
-        switch_at: end the prox phase once this fraction of groups is 2:4 (1.0 = the paper).
-        beta_tail: lambda growth once ``tail_from`` of the groups are 2:4 (None = ``beta``).
-        tail_from: where ``beta_tail`` takes over.
-        sparsegpt_blocksize: SparseGPT's lazy-update block size (multiple of 4).
-        sparsegpt_dampening: SparseGPT's dampening relative to the (unit) diagonal.
-    """
-
-    refine_steps: int | None = None
-    refine: Literal["gd", "cg"] = "gd"
-    lambda0: float = 0.01
-    lambda_scale: Literal["absolute", "rms"] = "absolute"
-    beta: float = 1.01
-    momentum: float = 0.0
-    max_prox_steps: int = 20000
-    switch_at: float = 1.0
-    beta_tail: float | None = None
-    tail_from: float = 0.9
-    sparsegpt_blocksize: int = 128
-    sparsegpt_dampening: float = 0.01
-
-    def steps_for(self, method: str) -> int:
-        if self.refine_steps is not None:
-            return int(self.refine_steps)
-        return 1000 if method == "prox" else 0
-
-
-#: Named solver settings. ``paper`` is the recipe of Kübler et al.: plain proximal gradient with
-#: lambda0 0.01, beta 1.01 until every group is 2:4, then 1000 masked-gradient steps. ``fast``
-#: reaches a lower local loss in about a quarter of the time: (i) momentum 0.9 in the prox phase
-#: (FISTA-style extrapolation; it finds better masks, see the toy experiment), which lets lambda
-#: grow (ii) 1.03x per step, and 1.1x once 90% of the groups are 2:4, from (iii) lambda0 relative
-#: to the RMS of the layer's normalised weights (every layer starts at the same point of its
-#: path; with an absolute lambda0 the quick schedule is too quick for small weights), (iv) the
-#: prox stops at 99.9% (the last groups keep their two largest compensated entries) and (v) 50
-#: conjugate-gradient steps reach the per-row least-squares refit that 1000 gradient steps only
-#: approach. Measured by ``tools/bench_solver.py`` on SmolLM2-135M (docs/results.md);
-#: ``tests/test_recipes.py`` guards loss and cost.
-RECIPES: dict[str, SolverConfig] = {
-    "paper": SolverConfig(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000),
-    "fast": SolverConfig(
-        lambda0=0.01,
-        lambda_scale="rms",
-        beta=1.03,
-        momentum=0.9,
-        beta_tail=1.1,
-        tail_from=0.9,
-        switch_at=0.999,
-        refine="cg",
-        refine_steps=50,
-    ),
-}
-
 
 #: The prox-phase trace kept in ``PruneStats.extra["trace"]``: rows ``[prox_step, lambda,
 #: frac_2of4]`` (``lambda`` is the schedule's ``lambda_k``, ``frac_2of4`` the fraction of groups
@@ -177,14 +103,42 @@ def check_layer_inputs(weight: Tensor, gram: Tensor) -> None:
         )
 
 
+def optimizer_hparams(config: MethodConfig, refine_steps: int, rms: float | None) -> dict:
+    """The one translation from a method config to a layer's :class:`Prox24` settings.
+
+    ``rms`` is the RMS of the layer's normalised weights (used with ``lambda_scale: rms``).
+    """
+    hparams: dict[str, Any] = {"refine": config.refine, "refine_steps": refine_steps}
+    if isinstance(config, ProxConfig):
+        lambda0 = config.lambda0
+        if config.lambda_scale == "rms":
+            assert rms is not None
+            lambda0 = config.lambda0 / max(rms, 1e-12)
+        hparams.update(
+            lambda0=lambda0,
+            beta=config.beta,
+            momentum=config.momentum,
+            max_prox_steps=config.max_prox_steps,
+            switch_at=config.switch_at,
+            beta_tail=config.beta_tail,
+            tail_from=config.tail_from,
+        )
+    return hparams
+
+
 class LayerSolve:
     """One layer's solve, driven one optimizer step at a time.
+
+    Build it, :meth:`attach` it to a :class:`Prox24` (the optimizer then owns the layer's
+    problem and working weight), step the optimizer until :meth:`done`, call :meth:`observe`
+    after every step, and take the :meth:`result`.
 
     Args:
         weight: ``[d_out, d_in]`` dense weight (any float dtype).
         gram: ``[d_in, d_in]`` Gram matrix ``sum_t x_t x_t^T``.
-        method: ``"magnitude" | "wanda" | "sparsegpt" | "prox"``.
-        config: :class:`SolverConfig`.
+        method: a name in :data:`~prox24_lightning.solvers.methods.METHODS`.
+        config: the method's config (e.g. :class:`ProxConfig`), or a mapping for
+            :func:`~prox24_lightning.solvers.methods.make_config`.
         trace: record the prox phase's ``[step, lambda, frac_2of4]`` rows in
             ``stats.extra["trace"]`` (a few dozen rows; see :data:`TRACE_DFRAC`).
     """
@@ -194,20 +148,18 @@ class LayerSolve:
         weight: Tensor,
         gram: Tensor,
         method: str,
-        config: SolverConfig,
+        config: MethodConfig | dict[str, Any] | None = None,
         *,
         trace: bool = True,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        self.method_class = get_method(method)
         check_layer_inputs(weight, gram)
-        if config.sparsegpt_blocksize % 4:
-            raise ValueError("sparsegpt_blocksize must be a multiple of 4")
+        config = make_config(method, config)
         self._start = time.perf_counter()
         self.method = method
         self.config = config
         self.dtype = weight.dtype
-        steps = config.steps_for(method)
+        steps = self.method_class.refine_steps(config)
         self.stats = PruneStats(method=method, refine_steps=steps)
         device = weight.device
         with torch.autocast(device_type=device.type, enabled=False):
@@ -217,63 +169,44 @@ class LayerSolve:
             self.problem = LocalProblem(
                 gram=self.norm.gram, target=target, lipschitz=lipschitz(self.norm.gram)
             )
-            self.work = target.clone()
-            self._baseline_mask: Tensor | None = None
-            if method == "magnitude":
-                pruned, self._baseline_mask = magnitude_prune(target, self.norm.scale)
-            elif method == "wanda":
-                pruned, self._baseline_mask = wanda_prune(target)
-            elif method == "sparsegpt":
-                pruned, self._baseline_mask = sparsegpt_prune(
-                    target,
-                    self.norm.gram,
-                    blocksize=config.sparsegpt_blocksize,
-                    dampening=config.sparsegpt_dampening,
-                )
-            if self._baseline_mask is not None:
-                self.work.copy_(pruned)
+            self._start_point = self.method_class.one_shot(target, self.norm, config)
         self.stats.dead_features = self.norm.n_dead
         self.stats.extra["lipschitz"] = self.problem.lipschitz
         self._method_done = False
         self._trace: list[list[float]] | None = None
-        if trace and method == "prox":
+        if trace and self._start_point is None:
             self._trace = self.stats.extra["trace"] = []
+        self.name: str | None = None
+        self.optimizer: Prox24 | None = None
 
-    def param_group(self, name: str) -> dict[str, Any]:
-        """A param group for :class:`Prox24` holding this layer's working weight."""
-        c = self.config
-        lambda0 = c.lambda0
-        if c.lambda_scale == "rms":
+    def attach(self, optimizer: Prox24, name: str) -> None:
+        """Hand the layer to ``optimizer`` as ``name``: baselines go straight to refinement."""
+        rms = None
+        if getattr(self.config, "lambda_scale", None) == "rms":
             rms = float(self.problem.target.square().mean().sqrt())
-            lambda0 = c.lambda0 / max(rms, 1e-12)
-        return dict(
-            params=[self.work],
-            name=name,
-            lambda0=lambda0,
-            beta=c.beta,
-            momentum=c.momentum,
-            refine=c.refine,
-            refine_steps=self.stats.refine_steps,
-            max_prox_steps=c.max_prox_steps,
-            switch_at=c.switch_at,
-            beta_tail=c.beta_tail,
-            tail_from=c.tail_from,
-        )
+        hparams = optimizer_hparams(self.config, self.stats.refine_steps, rms)
+        weight = mask = None
+        if self._start_point is not None:
+            weight, mask = self._start_point
+        self.work = optimizer.add_layer(name, self.problem, weight=weight, mask=mask, **hparams)
+        self._start_point = None
+        self.name, self.optimizer = name, optimizer
+        if mask is not None:
+            self._record_method()
 
-    def attach(self, optimizer: Prox24) -> None:
-        """Call once the param group is in ``optimizer``: baselines go straight to refinement."""
-        if self._baseline_mask is not None:
-            optimizer.start_refinement(self.work, self.problem, self._baseline_mask)
-            self._record_method(optimizer)
+    def _layer_state(self) -> dict[str, Any]:
+        assert self.optimizer is not None and self.name is not None, "attach() first"
+        return self.optimizer.layer_state(self.name)
 
-    def observe(self, optimizer: Prox24) -> None:
+    def observe(self) -> None:
         """Call after every step: records the loss when the method's own phase ends."""
         if self._method_done:
             return
+        st = self._layer_state()
         if self._trace is not None:
-            self._record_trace(optimizer.state[self.work])
-        if optimizer.phase(self.work) != "prox":
-            self._record_method(optimizer)
+            self._record_trace(st)
+        if st["phase"] != "prox":
+            self._record_method()
 
     def _record_trace(self, st: dict[str, Any]) -> None:
         rows = self._trace
@@ -292,8 +225,8 @@ class LayerSolve:
                 return
         rows.append([step, lam, frac])
 
-    def _record_method(self, optimizer: Prox24) -> None:
-        st = optimizer.state[self.work]
+    def _record_method(self) -> None:
+        st = self._layer_state()
         assert self.problem.mask is not None
         self.stats.iterations_to_2of4 = st["prox_steps"]
         self.stats.final_lambda = st["lam"]
@@ -304,13 +237,13 @@ class LayerSolve:
         )
         self._method_done = True
 
-    def done(self, optimizer: Prox24) -> bool:
-        return optimizer.phase(self.work) == "done"
+    def done(self) -> bool:
+        return self._layer_state()["phase"] == "done"
 
-    def result(self, optimizer: Prox24) -> PruneResult:
+    def result(self) -> PruneResult:
         """Finish: final loss, back to original coordinates and dtype, exact 2:4 checked."""
-        st = optimizer.state[self.work]
-        self.observe(optimizer)
+        st = self._layer_state()
+        self.observe()
         mask = self.problem.mask
         assert mask is not None
         with torch.autocast(device_type=self.work.device.type, enabled=False):
@@ -324,8 +257,14 @@ class LayerSolve:
         self.stats.seconds = time.perf_counter() - self._start
         return PruneResult(weight=final, mask=mask, stats=self.stats)
 
-    def progress(self, optimizer: Prox24) -> dict[str, Any]:
-        st = optimizer.state[self.work]
+    def detach(self) -> None:
+        """Remove the layer from its optimizer (after :meth:`result`)."""
+        if self.optimizer is not None and self.name is not None:
+            self.optimizer.remove_layer(self.name)
+        self.optimizer = None
+
+    def progress(self) -> dict[str, Any]:
+        st = self._layer_state()
         return {
             "phase": st["phase"],
             "iteration": st["prox_steps"] + st["refine_done"],
@@ -338,10 +277,10 @@ class LayerSolve:
 def prune_weight(
     weight: Tensor,
     gram: Tensor,
-    method: Method | str = "prox",
+    method: str = "prox",
     *,
     refine_steps: int | None = None,
-    config: SolverConfig | None = None,
+    config: MethodConfig | dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_every: int = 50,
     **hparams: Any,
@@ -351,28 +290,29 @@ def prune_weight(
     Args:
         weight: ``[d_out, d_in]`` weight (any float dtype; ``d_in`` divisible by 4).
         gram: ``[d_in, d_in]`` Gram matrix ``sum_t x_t x_t^T`` of the calibration inputs.
-        method: ``"magnitude" | "wanda" | "sparsegpt" | "prox"``.
+        method: a name in :data:`~prox24_lightning.solvers.methods.METHODS` (``"prox"``,
+            ``"wanda"``, ``"sparsegpt"``, ``"magnitude"``).
         refine_steps: masked refinement iterations; ``None`` = the method's default (1000 for
             prox, 0 for the baselines).
-        config: a :class:`SolverConfig` (e.g. ``RECIPES["fast"]``); ``hparams`` override its
-            fields (``lambda0``, ``beta``, ``momentum``, ``refine``, ...).
+        config: the method's config (e.g. ``RECIPES["fast"]``) or a mapping (``{"recipe":
+            "fast"}``); ``hparams`` override its fields (``lambda0``, ``beta``, ``refine``, ...).
         progress: optional callback receiving ``{"phase", "iteration", "lambda", "frac_2of4"}``.
         progress_every: call ``progress`` every this many iterations.
 
     Returns:
         :class:`PruneResult` with ``.weight``, ``.mask`` and ``.stats``.
     """
-    cfg = replace(config or SolverConfig(), **hparams)
     if refine_steps is not None:
-        cfg = replace(cfg, refine_steps=refine_steps)
+        hparams["refine_steps"] = refine_steps
+    cfg = make_config(method, config, **hparams)
     solve = LayerSolve(weight, gram, method, cfg)
-    optimizer = Prox24([solve.param_group("layer")])
-    solve.attach(optimizer)
+    optimizer = Prox24()
+    solve.attach(optimizer, "layer")
     it = 0
-    while not solve.done(optimizer):
-        optimizer.step(problems={"layer": solve.problem})
-        solve.observe(optimizer)
+    while not solve.done():
+        optimizer.step()
+        solve.observe()
         it += 1
         if progress is not None and it % progress_every == 0:
-            progress(solve.progress(optimizer))
-    return solve.result(optimizer)
+            progress(solve.progress())
+    return solve.result()

@@ -1,0 +1,185 @@
+"""``PruneState``: what a pruning run has done so far, and its checkpoint form.
+
+Per pruned layer: the report row and the bool ``[out, in]`` mask; the layers stored transposed
+(GPT-2 ``Conv1D``); the finished blocks; the targeted layers left dense and why; the solves each
+rank ran. :meth:`PruneState.to_checkpoint` / :meth:`PruneState.load_checkpoint` move it in and out
+of a checkpoint, and :func:`compare_fingerprints` refuses to resume a run of another
+configuration. Plain Python and PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..models import OffloadedModel
+from ..ops.masks import is_2of4
+from ..solvers import PruneResult
+
+__all__ = [
+    "PruneState",
+    "compare_fingerprints",
+    "layer_report",
+    "restore_pruned_weights",
+    "run_fingerprint",
+]
+
+
+@dataclass
+class PruneState:
+    """The progress of one pruning run (restored on resume)."""
+
+    #: per pruned layer: stats and sparsity, in pruning order.
+    report: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per pruned layer: the bool ``[out, in]`` mask (CPU), filled as blocks finish.
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    #: layers whose module stores the weight as ``[in, out]`` (GPT-2 ``Conv1D``).
+    transposed: set[str] = field(default_factory=set)
+    #: indices of the blocks already pruned.
+    pruned_blocks: set[int] = field(default_factory=set)
+    #: targeted layers left dense, with the reason (e.g. input size not divisible by 4).
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: layer solves run by each rank so far (index = global rank); without DDP, one entry.
+    solves_per_rank: list[int] = field(default_factory=list)
+
+    def record(
+        self,
+        block: int,
+        results: dict[str, PruneResult],
+        tokens: dict[str, int],
+        transposed: set[str],
+    ) -> None:
+        """Add a finished block's layers (``tokens``: calibration tokens per layer)."""
+        for name, result in results.items():
+            self.masks[name] = result.mask.cpu()
+            if name in transposed:
+                self.transposed.add(name)
+            self.report[name] = layer_report(block, result, tokens[name])
+        self.pruned_blocks.add(block)
+
+    def is_complete(self, num_blocks: int) -> bool:
+        """Every block pruned: only then is there a model to export."""
+        return num_blocks > 0 and self.pruned_blocks >= set(range(num_blocks))
+
+    def to_checkpoint(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint entry (the masks travel in the mask callback's state and files)."""
+        return {
+            "report": self.report,
+            "pruned_blocks": sorted(self.pruned_blocks),
+            "transposed": sorted(self.transposed),
+            "skipped": self.skipped,
+            "fingerprint": fingerprint,
+            "solves_per_rank": self.solves_per_rank,
+        }
+
+    def require_masks(self, where: str) -> None:
+        """After a resume: every pruned layer has its mask (restored by the mask callback)."""
+        missing = [n for n in self.report if n not in self.masks]
+        if missing:
+            raise ValueError(
+                f"{where} holds no masks for the pruned layers {missing[:3]} (written without "
+                "the MaskCheckpoint callback?); resume with the callbacks of the first run"
+            )
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        self.report = dict(state.get("report", {}))
+        self.pruned_blocks = set(state.get("pruned_blocks", []))
+        self.transposed = set(state.get("transposed", []))
+        self.skipped = dict(state.get("skipped", {}))
+        self.solves_per_rank = list(state.get("solves_per_rank", []))
+
+
+def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """Refuse to resume from ``where`` when a setting that decides the masks differs."""
+    diff = [
+        f"{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now"
+        for key in saved
+        if key in now and saved[key] != now[key]
+    ]
+    if diff:
+        raise ValueError(
+            f"{where} comes from a different run configuration; refusing to resume. "
+            + "; ".join(diff)
+            + ". Resume with the same settings, or start a new run without --ckpt_path"
+        )
+
+
+def layer_report(block: int, result: PruneResult, tokens: int) -> dict[str, Any]:
+    """One row of ``sparsity_report.json``'s ``layers``."""
+    w = result.weight
+    s = result.stats
+    return {
+        "block": block,
+        "shape": list(w.shape),
+        "sparsity": float((w == 0).float().mean()),
+        "is_2of4": is_2of4(w),
+        "calibration_tokens": tokens,
+        **{f: v for f, v in s.as_dict().items() if f != "extra"},
+        "lipschitz": s.extra.get("lipschitz"),
+        # recorded by the process that ran the solve (each layer is solved on one rank)
+        "solved_by_rank": s.extra.get("solved_by_rank"),
+        # prox: the prox phase's [step, lambda, frac_2of4] rows (a few dozen)
+        **({"trace": [list(row) for row in s.extra["trace"]]} if s.extra.get("trace") else {}),
+    }
+
+
+def run_fingerprint(
+    settings: dict[str, Any],
+    model: nn.Module | None,
+    *,
+    world_size: int | None = None,
+    precision: str | None = None,
+    calibration: Tensor | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Everything that decides the masks: a checkpoint only resumes a run with equal values.
+
+    ``settings`` are the run's own (model path, method, solver config, targets, ...); the model's
+    parameter shapes, the process count, the precision and the calibration tokens are added.
+    """
+    fp = dict(settings)
+    if model is not None:
+        shapes = "".join(f"{n}:{tuple(t.shape)};" for n, t in model.state_dict().items())
+        fp["model_shapes_sha256"] = hashlib.sha256(shapes.encode()).hexdigest()
+    if world_size is not None:
+        fp["world_size"] = world_size
+        fp["precision"] = precision
+        if isinstance(calibration, Tensor):
+            fp["calibration_tokens"] = list(calibration.shape)
+            fp["calibration_sha256"] = hashlib.sha256(
+                calibration.contiguous().cpu().numpy().tobytes()
+            ).hexdigest()
+            fp["batch_size"] = batch_size
+    return fp
+
+
+def restore_pruned_weights(
+    checkpoint: dict[str, Any],
+    pruned: dict[str, Tensor] | None,
+    model: nn.Module | None,
+    offloaded: OffloadedModel | None,
+) -> None:
+    """Bring the pruned weights of ``checkpoint`` back, whichever mode (offload or not) wrote it.
+
+    With offload they go into the CPU store, and the ``lm.*`` entries a run without offload saved
+    are taken from ``state_dict`` (Lightning would refuse them: the offloaded model is not a
+    submodule). Without offload, a checkpoint written with offload holds only the pruned weights
+    (``pruned``): the others are completed from the loaded ``model`` for Lightning's strict
+    ``load_state_dict``.
+    """
+    sd = checkpoint.setdefault("state_dict", {})
+    if offloaded is not None:
+        saved = [k for k in sd if k.startswith("lm.")]
+        if pruned is None and saved:
+            pruned = {k.removeprefix("lm."): sd[k] for k in saved}
+        for k in saved:
+            del sd[k]
+        for name, tensor in (pruned or {}).items():
+            offloaded.store[offloaded.key(name)].copy_(tensor)
+    elif pruned is not None and model is not None:
+        for name, tensor in model.state_dict().items():
+            sd.setdefault(f"lm.{name}", tensor)
+        sd.update({f"lm.{name}": tensor for name, tensor in pruned.items()})
