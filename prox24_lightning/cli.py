@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .callbacks import ExportPruned
 from .check import check_export
 from .data import PruningDataModule
+from .plan import plan_before_fit, plan_main
 
 __all__ = ["Prox24CLI", "main"]
 
@@ -67,6 +68,8 @@ class Prox24CLI(LightningCLI):
             return None
 
     def before_fit(self) -> None:
+        # The run plan, and a refusal when the output disk is too small, before anything loads.
+        plan_before_fit(self.config.get(self.subcommand, self.config), log=rank_zero_info)
         self._metrics: dict[str, dict[str, float]] = {}
         exports = [cb for cb in self.trainer.callbacks if isinstance(cb, ExportPruned)]
         if exports:
@@ -141,6 +144,8 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "check":
         raise SystemExit(_check_main(argv[1:]))
+    if argv and argv[0] == "plan":
+        raise SystemExit(plan_main(argv[1:]))
     cli_main(args)
 
 
