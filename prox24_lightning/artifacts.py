@@ -3,11 +3,15 @@
 Every artifact is written to a temporary name in the same directory and renamed with
 ``os.replace``, so a crash can never leave a half-written file under the final name. Temporary
 files left behind by a killed process (``.<name>.<random>.tmp``) are removed by the next write of
-the same target. The export checker is :mod:`prox24_lightning.check`.
+the same target. A write that fails because the disk is full raises
+``OSError(ENOSPC, "no space left on device while writing <path>")`` naming the target, whatever
+the writer's own wording (torch.save says ``basic_ios::clear: iostream error``). The export
+checker is :mod:`prox24_lightning.check`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -55,9 +59,47 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
+# Writers that say "disk full" without OSError(ENOSPC): safetensors' Rust I/O error.
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull")
+# torch.save's C++ stream only says that a write failed; on a full disk it is all one gets.
+_WRITE_FAILED_WORDS = ("basic_ios::clear", "iostream error", "file write failed")
+# Free space (for this user) below which a vague write failure is taken for a full disk: the
+# failed write's temporary file is still there, so a disk that ran full is at (almost) zero.
+_FULL_BELOW = 64 * 2**20
+
+
+class _WriteError(OSError):
+    """A write failure already said clearly (an inner atomic write's), passed on unchanged."""
+
+
+def _write_error(err: BaseException, path: Path) -> OSError | None:
+    """The clear error for a failed write of ``path``, or ``None`` to re-raise ``err`` as it is."""
+    if isinstance(err, _WriteError):
+        return None
+    message = str(err)
+    full = _WriteError(errno.ENOSPC, f"no space left on device while writing {path}")
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return full
+    if any(w in message for w in _DISK_FULL_WORDS):
+        return full
+    if not any(w in message for w in _WRITE_FAILED_WORDS):
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    if free < _FULL_BELOW:
+        return full
+    return _WriteError(errno.EIO, f"write failed while writing {path} ({message})")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
+
+    Raises:
+        OSError: ``ENOSPC`` naming ``path`` when the disk is full (see the module docstring).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
@@ -71,6 +113,11 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         maybe_fail("write")
         maybe_fail("write" + path.suffix)
         os.replace(tmp, path)
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        clear = _write_error(err, path)
+        if clear is None:
+            raise
+        raise clear from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -78,7 +125,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``path`` (renamed) when the block succeeds."""
+    """Yield a temporary directory that becomes ``path`` (renamed) when the block succeeds.
+
+    Raises:
+        FileExistsError: If ``path`` holds files and not ``overwrite``.
+        OSError: ``ENOSPC`` naming ``path`` when the disk is full.
+    """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -98,6 +150,11 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        clear = _write_error(err, path)
+        if clear is None:
+            raise
+        raise clear from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -80,6 +80,8 @@ _DATA_KEYS = (
     "eval_seqlen",
     "max_eval_windows",
     "eval_batch_size",
+    "bos",  # the setting (auto / always / never)
+    "bos_prepended",  # what it resolved to for this tokenizer: BOS first in every window
 )
 
 

@@ -2,8 +2,10 @@
 
 **Cache.** :func:`calibration_samples` and :func:`evaluation_windows` keep their results under
 ``<cache_dir>/tokens/``. The key hashes the tokenizer's content, the source spec, the local files
-(the SHA-256 of files up to 64 MiB, size + mtime for larger ones) and every size parameter. On a
-cache hit nothing is loaded or tokenised.
+(the SHA-256 of files up to 64 MiB, size + mtime for larger ones) and every size parameter,
+plus the BOS id put first in every window when there is one (entries without BOS keep the key
+they had before BOS existed: their windows are the same). On a cache hit nothing is loaded or
+tokenised.
 Cache entries are written with :func:`prox24_lightning.artifacts.atomic_write`, so readers (other
 ranks, a concurrent run) see either no file or a complete one.
 """
@@ -190,6 +192,7 @@ def calibration_samples(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """Calibration windows of ``source``, cached on disk.
 
@@ -202,6 +205,8 @@ def calibration_samples(
         seed: Seed of ``random_windows``; ignored by ``packed``.
         cache_dir: Cache root; default :func:`~prox24_lightning.paths.default_cache_dir`.
         use_cache: Read and write the cache.
+        bos_token_id: Put this id first in every window (see
+            :func:`~prox24_lightning.data.windows.resolve_bos`); ``None``: no BOS added.
 
     Returns:
         ``LongTensor [nsamples, seqlen]`` on the CPU.
@@ -213,12 +218,18 @@ def calibration_samples(
     params = {"mode": mode, "nsamples": nsamples, "seqlen": seqlen}
     if mode == "random_windows":
         params["seed"] = seed
+    if bos_token_id is not None:
+        params["bos_token_id"] = bos_token_id
 
     def compute() -> Tensor:
         docs = load_documents(source, cache_dir=cache_dir)
         if mode == "packed":
-            return sample_packed(docs, tokenizer, nsamples=nsamples, seqlen=seqlen)
-        return sample_random_windows(docs, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+            return sample_packed(
+                docs, tokenizer, nsamples=nsamples, seqlen=seqlen, bos_token_id=bos_token_id
+            )
+        return sample_random_windows(
+            docs, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, bos_token_id=bos_token_id
+        )
 
     return _cached("calibration", source, tokenizer, params, cache_dir, use_cache, compute)
 
@@ -231,6 +242,7 @@ def evaluation_windows(
     max_windows: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """Perplexity windows of ``source`` under its protocol, cached on disk.
 
@@ -246,6 +258,7 @@ def evaluation_windows(
         max_windows: Cap on the number of windows (replaces the C4 protocol's 256).
         cache_dir: Cache root; default :func:`~prox24_lightning.paths.default_cache_dir`.
         use_cache: Read and write the cache.
+        bos_token_id: Put this id first in every window; ``None``: no BOS added.
 
     Returns:
         ``LongTensor [n_windows, seqlen]`` on the CPU.
@@ -258,6 +271,8 @@ def evaluation_windows(
         "max_windows": max_windows,
         "protocol": "c4" if c4_protocol else "wt2",
     }
+    if bos_token_id is not None:
+        params["bos_token_id"] = bos_token_id
 
     def compute() -> Tensor:
         docs = load_documents(source, cache_dir=cache_dir)
@@ -268,7 +283,10 @@ def evaluation_windows(
                 seqlen=seqlen,
                 n_documents=source.max_documents or C4_EVAL_DOCUMENTS,
                 n_windows=max_windows if max_windows is not None else C4_EVAL_WINDOWS,
+                bos_token_id=bos_token_id,
             )
-        return wikitext2_windows(docs, tokenizer, seqlen=seqlen, max_windows=max_windows)
+        return wikitext2_windows(
+            docs, tokenizer, seqlen=seqlen, max_windows=max_windows, bos_token_id=bos_token_id
+        )
 
     return _cached("eval", source, tokenizer, params, cache_dir, use_cache, compute)

