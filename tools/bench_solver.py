@@ -5,9 +5,13 @@ offline Wikipedia text like the demo), this captures every linear layer's Gram m
 ``prune_weight(..., "prox")`` with ``RECIPES["paper"]`` (lambda0 0.01, beta 1.01, plain proximal
 gradient, 1000 masked-gradient steps) and ``RECIPES["fast"]`` (momentum in the prox phase, a
 quicker schedule, conjugate-gradient refinement), and prints per layer: seconds, GEMMs, local loss,
-and the time ratio. Baselines (Wanda+CG, SparseGPT+CG) are printed for reference.
+and the time ratio. Baselines (Wanda+CG, SparseGPT+CG) are printed for reference; ``--methods alps
+admm`` adds those methods alone and with 50 CG steps ("+cg"), ``--no-prox`` skips the two prox
+recipes, and with SparseGPT+CG in the run every variant's summed local loss is also given relative
+to it (= 1.000). ``--grams FILE`` keeps the captured weights and Grams (captured once, then read).
 
     python tools/bench_solver.py --blocks 0 15 29 --json outputs/bench_solver.json
+    python tools/bench_solver.py --blocks 0 15 29 --baselines --methods alps admm --no-prox
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from prox24_lightning.models import (
     load_causal_lm,
     run_block,
 )
-from prox24_lightning.solvers import RECIPES, MethodConfig, prune_weight
+from prox24_lightning.solvers import RECIPES, MethodConfig, make_config, prune_weight
 
 
 def capture_layers(
@@ -84,6 +88,8 @@ def run(layers, variants: dict[str, tuple[str, MethodConfig]]) -> list[dict]:
 def summarise(rows: list[dict]) -> str:
     kinds = sorted({r["layer"].rsplit(".", 1)[-1] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if not {"prox paper", "prox fast"} <= set(variants):
+        return _summarise_methods(rows, kinds, variants)
     lines = [
         "| layer type | "
         + " | ".join(f"{v} s / GEMMs / loss" for v in variants)
@@ -109,7 +115,63 @@ def summarise(rows: list[dict]) -> str:
     ratio = totals["prox paper"][0] / max(totals["prox fast"][0], 1e-9)
     lr = totals["prox fast"][2] / max(totals["prox paper"][2], 1e-30)
     lines.append("| **all** | " + " | ".join(cells) + f" | **{ratio:.2f}x** | **{lr:.4f}** |")
+    return "\n".join(lines) + relative_losses(rows, variants)
+
+
+def _summarise_methods(rows: list[dict], kinds: list[str], variants: list[str]) -> str:
+    """The per-layer-type table without the prox paper/fast ratios (``--no-prox``)."""
+    lines = [
+        "| layer type | " + " | ".join(f"{v} s / GEMMs / loss" for v in variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    for kind in [*kinds, None]:
+        cells = []
+        for v in variants:
+            sel = [
+                r for r in rows if r["variant"] == v and (kind is None or r["layer"].endswith(kind))
+            ]
+            t, g, loss = (sum(r[k] for r in sel) for k in ("seconds", "gemms", "loss"))
+            cells.append(f"{t:.1f} / {g} / {loss:.4g}")
+        lines.append(f"| {kind or '**all**'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + relative_losses(rows, variants)
+
+
+def relative_losses(rows: list[dict], variants: list[str], reference: str = "sparsegpt+cg") -> str:
+    """Summed local loss and seconds of every variant, relative to ``reference`` (= 1.000), and
+    the layers each variant wins against it; empty without the reference."""
+    if reference not in variants:
+        return ""
+    ref = {r["layer"]: r["loss"] for r in rows if r["variant"] == reference}
+    total = sum(ref.values())
+    lines = [
+        "",
+        "",
+        f"| variant | local loss / {reference} | seconds | layers below {reference} |",
+        "|---|---|---|---|",
+    ]
+    for v in variants:
+        sel = [r for r in rows if r["variant"] == v]
+        loss = sum(r["loss"] for r in sel) / max(total, 1e-30)
+        wins = sum(r["loss"] < ref[r["layer"]] for r in sel)
+        seconds = sum(r["seconds"] for r in sel)
+        lines.append(f"| {v} | {loss:.3f} | {seconds:.1f} | {wins}/{len(sel)} |")
     return "\n".join(lines)
+
+
+def load_or_capture(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The layers of ``args.blocks``: read from ``args.grams`` if it holds them, else captured
+    (and saved there when given)."""
+    key = dict(model=args.model, blocks=args.blocks, nsamples=args.nsamples, seqlen=args.seqlen)
+    if args.grams is not None and args.grams.exists():
+        saved = torch.load(args.grams, weights_only=True)
+        if saved["key"] == key:
+            return saved["layers"]
+        print(f"{args.grams} holds other layers ({saved['key']}); capturing", flush=True)
+    layers = capture_layers(args.model, args.blocks, args.nsamples, args.seqlen, batch=8)
+    if args.grams is not None:
+        args.grams.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "layers": layers}, args.grams)
+    return layers
 
 
 def main() -> None:
@@ -119,14 +181,31 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--baselines", action="store_true", help="also run Wanda+CG and SparseGPT+CG")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=[],
+        choices=["alps", "admm"],
+        help="also run these methods alone and with 50 CG steps (+cg)",
+    )
+    ap.add_argument("--no-prox", action="store_true", help="skip the prox paper and fast recipes")
+    ap.add_argument("--grams", type=Path, default=None, help="cache file of the captured layers")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     start = time.perf_counter()
-    layers = capture_layers(args.model, args.blocks, args.nsamples, args.seqlen, batch=8)
-    variants = {"prox paper": ("prox", RECIPES["paper"]), "prox fast": ("prox", RECIPES["fast"])}
+    layers = load_or_capture(args)
+    variants: dict[str, tuple[str, MethodConfig]] = {}
+    if not args.no_prox:
+        variants |= {
+            "prox paper": ("prox", RECIPES["paper"]),
+            "prox fast": ("prox", RECIPES["fast"]),
+        }
+    cg = MethodConfig(refine="cg", refine_steps=50)
     if args.baselines:
-        cg = MethodConfig(refine="cg", refine_steps=50)
         variants |= {"wanda+cg": ("wanda", cg), "sparsegpt+cg": ("sparsegpt", cg)}
+    for method in args.methods:
+        alone = make_config(method)
+        variants |= {method: (method, alone), f"{method}+cg": (method, make_config(method, cg))}
     rows = run(layers, variants)
     table = summarise(rows)
     print(f"\nblocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens, "

@@ -1,10 +1,14 @@
 """Layer-level pruning: the method registry and one entry point, :func:`prune_weight`."""
 
+from .admm import admm_prune
+from .alps import alps_prune
 from .baselines import magnitude_prune, sparsegpt_prune, wanda_prune
 from .layer import LayerSolve, PruneResult, PruneStats, optimizer_hparams, prune_weight
 from .methods import (
     METHODS,
     RECIPES,
+    ADMMConfig,
+    ALPSConfig,
     MagnitudeConfig,
     MethodConfig,
     ProxConfig,
@@ -18,6 +22,8 @@ from .methods import (
 __all__ = [
     "METHODS",
     "RECIPES",
+    "ADMMConfig",
+    "ALPSConfig",
     "LayerSolve",
     "MagnitudeConfig",
     "MethodConfig",
@@ -27,6 +33,8 @@ __all__ = [
     "PruningMethod",
     "SparseGPTConfig",
     "WandaConfig",
+    "admm_prune",
+    "alps_prune",
     "get_method",
     "magnitude_prune",
     "make_config",

@@ -4,7 +4,7 @@
 layer's dense normalised weight ``Ŵ̃`` (paper.md §4.1: ``W̃ = W diag(H)^½``) into its starting
 point for the :class:`~prox24_lightning.optim.Prox24` optimizer:
 
-* a one-shot baseline (magnitude, Wanda, SparseGPT) returns a 2:4 weight and its mask; the
+* a one-shot method (magnitude, Wanda, SparseGPT, ALPS, ADMM) returns a 2:4 weight and its mask; the
   optimizer then only refines on that mask ("+GD" when ``refine_steps > 0``);
 * ``prox`` returns nothing: the optimizer runs the proximal phase (Kübler et al., Algorithm 2)
   from ``Ŵ̃`` and freezes the support itself.
@@ -27,11 +27,15 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor
 
 from ..ops.gram import DiagonalNormalization
+from .admm import admm_prune
+from .alps import alps_prune
 from .baselines import magnitude_prune, sparsegpt_prune, wanda_prune
 
 __all__ = [
     "METHODS",
     "RECIPES",
+    "ADMMConfig",
+    "ALPSConfig",
     "MagnitudeConfig",
     "MethodConfig",
     "ProxConfig",
@@ -99,6 +103,101 @@ class SparseGPTConfig(MethodConfig):
         if not self.sparsegpt_dampening >= 0:
             raise ValueError(
                 f"solver.sparsegpt_dampening must be >= 0, got {self.sparsegpt_dampening}"
+            )
+
+
+@dataclass
+class ALPSConfig(MethodConfig):
+    """ALPS (Meng et al., NeurIPS 2024): ADMM with a ``rho`` schedule, then PCG on the support.
+
+    Defaults are the reference's (mazumder-lab/ALPS, ``ALPS_admm``); see
+    :mod:`~prox24_lightning.solvers.alps` for the update rules.
+
+    Attributes:
+        alps_rho0: first ADMM penalty ``rho`` (0.1).
+        alps_max_iterations: cap on ADMM iterations (300).
+        alps_update_every: iterations between ``rho`` updates from the support change (3:
+            x1.3 / x1.2 / x1.1 for a large / medium / small change).
+        alps_min_iterations: the "support settled" stop applies from this iteration on (30).
+        alps_rho_max: cap on ``rho`` (1e6).
+        alps_pcg_iterations: conjugate-gradient steps refitting the kept weights on the ridge
+            Gram after the ADMM (10; 0 leaves the refit to ``refine_steps``).
+        alps_dampening: ridge ``dampening * mean(diag H)`` (0.01).
+        alps_dampening_space: ``original`` (the reference: ridge on the raw Gram, i.e.
+            ``dampening * mean(diag H) / H_jj`` on the unit diagonal of ``H̃``) or
+            ``normalized`` (``dampening`` on ``H̃``).
+    """
+
+    alps_rho0: float = 0.1
+    alps_max_iterations: int = 300
+    alps_update_every: int = 3
+    alps_min_iterations: int = 30
+    alps_rho_max: float = 1e6
+    alps_pcg_iterations: int = 10
+    alps_dampening: float = 0.01
+    alps_dampening_space: Literal["original", "normalized"] = "original"
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("alps_rho0", "alps_rho_max"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"solver.{key} must be > 0, got {value}")
+        for key in ("alps_max_iterations", "alps_update_every"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"solver.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("alps_min_iterations", "alps_pcg_iterations"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"solver.{key} must be >= 0, got {getattr(self, key)}")
+        if not (self.alps_dampening > 0 and math.isfinite(self.alps_dampening)):
+            raise ValueError(f"solver.alps_dampening must be > 0, got {self.alps_dampening}")
+        if self.alps_dampening_space not in ("original", "normalized"):
+            raise ValueError(
+                "solver.alps_dampening_space must be 'original' or 'normalized', got "
+                f"{self.alps_dampening_space!r}"
+            )
+
+
+@dataclass
+class ADMMConfig(MethodConfig):
+    """ADMM with a gradual mask (Boža 2024); see :mod:`~prox24_lightning.solvers.admm`.
+
+    Defaults are the reference's (fmfi-compbio/admm-pruning, ``percdamp=0.1``).
+
+    Attributes:
+        admm_iterations: ADMM iterations (20).
+        admm_mask_iterations: iterations over which the mask grows to 2:4 (15, at most
+            ``admm_iterations``; 0 fixes the Wanda mask).
+        admm_rho: ADMM penalty (1.0).
+        admm_dampening: ridge relative to the unit diagonal of ``H̃`` (0.1).
+        admm_schedule_exponent: sparsity schedule ``s_t = 1/2 - 1/2 (1 - (t+1)/T)^exponent`` (3).
+    """
+
+    admm_iterations: int = 20
+    admm_mask_iterations: int = 15
+    admm_rho: float = 1.0
+    admm_dampening: float = 0.1
+    admm_schedule_exponent: float = 3.0
+
+    def validate(self) -> None:
+        super().validate()
+        if int(self.admm_iterations) < 0 or int(self.admm_mask_iterations) < 0:
+            raise ValueError(
+                "solver.admm_iterations and solver.admm_mask_iterations must be >= 0, got "
+                f"{self.admm_iterations}, {self.admm_mask_iterations}"
+            )
+        if self.admm_mask_iterations > self.admm_iterations:
+            raise ValueError(
+                f"solver.admm_mask_iterations ({self.admm_mask_iterations}) must be <= "
+                f"solver.admm_iterations ({self.admm_iterations}): the mask must reach 2:4"
+            )
+        if not (self.admm_rho > 0 and math.isfinite(self.admm_rho)):
+            raise ValueError(f"solver.admm_rho must be > 0, got {self.admm_rho}")
+        if not (self.admm_dampening >= 0 and math.isfinite(self.admm_dampening)):
+            raise ValueError(f"solver.admm_dampening must be >= 0, got {self.admm_dampening}")
+        if not self.admm_schedule_exponent > 0:
+            raise ValueError(
+                f"solver.admm_schedule_exponent must be > 0, got {self.admm_schedule_exponent}"
             )
 
 
@@ -225,6 +324,51 @@ class SparseGPT(PruningMethod):
         )
 
 
+class ALPS(PruningMethod):
+    """Meng et al. (NeurIPS 2024): ADMM with a support-driven ``rho`` schedule, then PCG."""
+
+    name = "alps"
+    config_class = ALPSConfig
+
+    @classmethod
+    def one_shot(
+        cls, target: Tensor, norm: DiagonalNormalization, config: ALPSConfig
+    ) -> tuple[Tensor, Tensor]:
+        return alps_prune(
+            target,
+            norm,
+            rho0=config.alps_rho0,
+            max_iterations=config.alps_max_iterations,
+            update_every=config.alps_update_every,
+            min_iterations=config.alps_min_iterations,
+            rho_max=config.alps_rho_max,
+            pcg_iterations=config.alps_pcg_iterations,
+            dampening=config.alps_dampening,
+            dampening_space=config.alps_dampening_space,
+        )
+
+
+class ADMM(PruningMethod):
+    """Boža (2024): ADMM weight update with a gradually growing 2:4 mask."""
+
+    name = "admm"
+    config_class = ADMMConfig
+
+    @classmethod
+    def one_shot(
+        cls, target: Tensor, norm: DiagonalNormalization, config: ADMMConfig
+    ) -> tuple[Tensor, Tensor]:
+        return admm_prune(
+            target,
+            norm.gram,
+            iterations=config.admm_iterations,
+            mask_iterations=config.admm_mask_iterations,
+            rho=config.admm_rho,
+            dampening=config.admm_dampening,
+            exponent=config.admm_schedule_exponent,
+        )
+
+
 class Prox(PruningMethod):
     """Kübler et al. (TMLR 2025): proximal gradient with the 2:4 regularizer, then refinement."""
 
@@ -238,7 +382,9 @@ class Prox(PruningMethod):
 
 
 #: Every method by name: the one registry (the CLI, ``prune_weight`` and the pipeline read it).
-METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT, Prox)}
+METHODS: dict[str, type[PruningMethod]] = {
+    m.name: m for m in (Magnitude, Wanda, SparseGPT, Prox, ALPS, ADMM)
+}
 
 
 #: Named prox settings. ``paper`` is the recipe of Kübler et al.: plain proximal gradient with
