@@ -30,11 +30,8 @@ from prox24_lightning.data import (
     tokenizer_adds_bos,
     windows_from_documents,
 )
-from prox24_lightning.models.loading import (
-    GGUF_ADD_BOS_ATTR,
-    gguf_metadata_value,
-    load_tokenizer,
-)
+from prox24_lightning.models.gguf import GGUF_ADD_BOS_ATTR, gguf_metadata_value
+from prox24_lightning.models.loading import load_tokenizer
 from prox24_lightning.reports import _data_report
 from prox24_lightning.testing import offline_tokenizer
 

@@ -435,7 +435,7 @@ def test_resolve_model_path(tmp_path) -> None:
 
 
 def test_conversion_cache_hit_skips_loading(tmp_path, monkeypatch) -> None:
-    from prox24_lightning.models import loading as hf
+    from prox24_lightning.models import gguf as hf
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hf.default_cache_dir() == str(tmp_path / "xdg" / "prox24_lightning" / "converted")

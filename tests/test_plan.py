@@ -139,7 +139,7 @@ def test_sibling_rule_is_the_fallback_and_over_merges_gpt2(monkeypatch):
     config = tiny_causal_lm("gpt2", num_layers=1).config
     good = model_shape(config, dtype=torch.float32)
     assert good.grouping == "forward" and len(good.blocks[0].groups) == 4
-    monkeypatch.setattr(plan_mod, "_forward_leaders", lambda *a: None)
+    monkeypatch.setattr(plan_mod.shapes, "_forward_leaders", lambda *a: None)
     fallback = model_shape(config, dtype=torch.float32)
     assert fallback.grouping == "siblings"
     # attn.c_attn and attn.c_proj are siblings of one width but read different tensors.

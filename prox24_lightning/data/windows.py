@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from ..models.loading import GGUF_ADD_BOS_ATTR
+from ..models.gguf import GGUF_ADD_BOS_ATTR
 
 __all__ = [
     "C4_EVAL_DOCUMENTS",

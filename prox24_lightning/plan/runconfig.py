@@ -1,0 +1,117 @@
+"""The run plan of a ``prox24 fit`` config: :func:`plan_from_config` reads the model spec, the
+data and the trainer settings of the parsed config (a jsonargparse ``Namespace`` or its dump as a
+mapping) into a :class:`~prox24_lightning.plan.shapes.ModelShape` and
+:class:`~prox24_lightning.plan.estimate.RunSettings`, and the evaluation sets into the token
+cache's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .estimate import RunPlan, RunSettings, plan_run
+from .shapes import load_model_config, model_shape, resolve_dtype
+
+__all__ = ["plan_from_config"]
+
+#: C4 validation windows the evaluation uses (``prox24_lightning.data.windows.C4_EVAL_WINDOWS``).
+C4_EVAL_WINDOWS = 256
+#: WikiText2 test tokens with the Llama-2 tokenizer (other tokenizers differ by some percent).
+WIKITEXT2_TEST_TOKENS = 341_469
+
+
+def _get(mapping: Any, key: str, default: Any = None) -> Any:
+    if mapping is None:
+        return default
+    if hasattr(mapping, "get"):
+        value = mapping.get(key, default)
+    else:
+        value = getattr(mapping, key, default)
+    return default if value is None else value
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    """A jsonargparse ``Namespace`` (or a mapping) as plain nested dicts."""
+    if hasattr(cfg, "as_dict"):
+        return cfg.as_dict()
+    return dict(cfg)
+
+
+def _world_size(devices: Any) -> int:
+    """Processes on this machine for ``trainer.devices`` (``auto``/-1 counts as one)."""
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return max(1, devices)
+    if isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    text = str(devices).strip()
+    if text.isdigit():
+        return max(1, int(text))
+    if "," in text:
+        return max(1, len([d for d in text.split(",") if d.strip()]))
+    return 1
+
+
+def _eval_tokens(data: Mapping[str, Any]) -> tuple[int, str]:
+    """Evaluation tokens for the token cache, and what could not be estimated."""
+    seqlen = int(_get(data, "eval_seqlen") or _get(data, "seqlen", 2048))
+    cap = _get(data, "max_eval_windows")
+    total, unknown = 0, []
+    for name, source in (_get(data, "validation") or {}).items():
+        kind = _get(source, "name", "")
+        if cap is not None:
+            windows = int(cap)
+            if kind == "c4_validation":
+                windows = min(windows, C4_EVAL_WINDOWS)
+            elif kind == "wikitext2":
+                windows = min(windows, WIKITEXT2_TEST_TOKENS // seqlen)
+            total += windows * seqlen
+        elif kind == "c4_validation":
+            total += C4_EVAL_WINDOWS * seqlen
+        elif kind == "wikitext2":
+            total += WIKITEXT2_TEST_TOKENS // seqlen * seqlen
+        else:
+            unknown.append(str(name))
+    note = f"token cache: evaluation sets {unknown} not counted (size unknown)" if unknown else ""
+    return total, note
+
+
+def plan_from_config(run_config: Any) -> RunPlan | None:
+    """The plan of a ``prox24 fit`` config (the parsed config, or its dump as a mapping), or
+    ``None`` when the model is not a ``BlockwisePruner`` (e.g. ``MaskedFinetuner``)."""
+    cfg = _as_dict(run_config)
+    model = cfg.get("model") or {}
+    class_path = str(model.get("class_path", ""))
+    if class_path.rpartition(".")[2] != "BlockwisePruner":
+        return None
+    init = model.get("init_args") or {}
+    data = cfg.get("data") or {}
+    trainer = cfg.get("trainer") or {}
+    spec = str(init["model_name_or_path"])
+    config = load_model_config(
+        spec,
+        revision=init.get("revision"),
+        gguf_file=init.get("gguf_file"),
+        trust_remote_code=bool(init.get("trust_remote_code", False)),
+    )
+    dtype = resolve_dtype(config, init.get("dtype") or "auto", trainer.get("precision"))
+    shape = model_shape(
+        config,
+        dtype=dtype,
+        targets=init.get("targets"),
+        ignore=init.get("ignore"),
+        trust_remote_code=bool(init.get("trust_remote_code", False)),
+    )
+    eval_tokens, eval_note = _eval_tokens(data)
+    settings = RunSettings(
+        nsamples=int(_get(data, "nsamples", 128)),
+        seqlen=int(_get(data, "seqlen", 2048)),
+        batch_size=int(_get(data, "batch_size", 1)),
+        offload=bool(init.get("offload", False)),
+        offload_activations=bool(init.get("offload_activations", False)),
+        sequential=str(init.get("sequential") or "block"),
+        world_size=_world_size(trainer.get("devices", 1)),
+        eval_tokens=eval_tokens,
+        eval_note=eval_note,
+    )
+    return plan_run(shape, settings, model_name=spec)
