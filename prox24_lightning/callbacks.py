@@ -3,8 +3,10 @@ atomic checkpoint writer."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -15,17 +17,22 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from .artifacts import atomic_write, load_masks, save_masks, write_export, write_json
 from .faults import maybe_fail
-from .ops.masks import pack_mask, unpack_mask
 from .reports import build_report, format_table, library_versions
 
 __all__ = [
     "AtomicCheckpointIO",
+    "BlockProgressBar",
+    "RunLogger",
+    "install_pruning_callbacks",
     "BlockCheckpoint",
     "MaskCheckpoint",
     "ExportPruned",
@@ -131,6 +138,90 @@ def warn_about_checkpoint_callbacks(trainer: L.Trainer) -> None:
             )
 
 
+class BlockProgressBar(TQDMProgressBar):
+    """The progress bar of a pruning run: ``block k/N`` instead of ``Epoch k``."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # As TQDMProgressBar's, with "block k/N" as the description from the start.
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        module = trainer.lightning_module
+        total = module.num_blocks if isinstance(module, BlockPruning) else trainer.max_epochs
+        bar = self.train_progress_bar
+        bar.reset(total=convert_inf(self.total_train_batches))
+        bar.initial = 0
+        bar.set_description(f"block {trainer.current_epoch + 1}/{total}")
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        # No "v_num" (there is no version folder) and no per-layer metrics in the bar.
+        items = super().get_metrics(trainer, pl_module)
+        return {k: v for k, v in items.items() if k != "v_num" and not k.startswith("layer/")}
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a resumed run appends to ``metrics.csv`` (the stock writer
+    deletes it when the folder exists) and keeps the earlier columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+
+class RunLogger(CSVLogger):
+    """Metrics of a pruning run in ``<save_dir>/logs/metrics.csv``: no ``version_N`` folder, so a
+    rerun of the same command (``--ckpt_path last``) continues in the same run folder.
+
+    Args:
+        save_dir: the run folder (``null``: the CLI puts ``trainer.default_root_dir``).
+        name: subfolder for the log files.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str = "logs", **kwargs: Any) -> None:
+        super().__init__(save_dir=save_dir or ".", name=name, version="", **kwargs)
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def install_pruning_callbacks(trainer: L.Trainer) -> list[L.Callback]:
+    """Give a pruning run what it needs to resume and export, without duplicates.
+
+    Adds :class:`MaskCheckpoint`, :class:`BlockCheckpoint` and :class:`ExportPruned` unless the
+    trainer already has one of each kind, puts every per-run file under
+    ``trainer.default_root_dir`` (``masks/``, ``checkpoints/``, ``export/``; a
+    ``BlockCheckpoint`` without ``dirpath`` gets ``checkpoints/`` here, before Lightning
+    resolves ``--ckpt_path last``), and swaps Lightning's default progress bar for
+    :class:`BlockProgressBar`. Returns the callbacks added.
+    """
+    root = Path(trainer.default_root_dir)
+    added: list[L.Callback] = []
+    have = trainer.callbacks
+    if not any(isinstance(cb, MaskCheckpoint) for cb in have):
+        added.append(MaskCheckpoint())
+    if not any(isinstance(cb, ExportPruned) for cb in have):
+        added.append(ExportPruned())
+    if not any(isinstance(cb, BlockCheckpoint) for cb in have):
+        added.append(BlockCheckpoint())
+    # Checkpoint callbacks last (as Lightning orders them): the masks are in their state first.
+    first_ckpt = next(
+        (i for i, cb in enumerate(have) if isinstance(cb, ModelCheckpoint)), len(have)
+    )
+    have[first_ckpt:first_ckpt] = [cb for cb in added if not isinstance(cb, ModelCheckpoint)]
+    have.extend(cb for cb in added if isinstance(cb, ModelCheckpoint))
+    for cb in have:
+        if isinstance(cb, BlockCheckpoint) and cb.dirpath is None:
+            cb.dirpath = str(root / "checkpoints")
+    for i, cb in enumerate(have):
+        if type(cb) in (TQDMProgressBar, RichProgressBar):  # Lightning's defaults
+            have[i] = BlockProgressBar(refresh_rate=cb.refresh_rate)
+    return added
+
+
 def install_atomic_checkpoint_io(strategy: Any) -> None:
     """Replace a strategy's default ``TorchCheckpointIO`` by :class:`AtomicCheckpointIO`
     (custom checkpoint IO plugins are left alone)."""
@@ -139,24 +230,23 @@ def install_atomic_checkpoint_io(strategy: Any) -> None:
 
 
 class MaskCheckpoint(L.Callback):
-    """Save each block's masks as soon as it is pruned, and keep them in the callback state.
+    """Write each block's masks as ``<dirpath>/block_<k>.safetensors`` as soon as it is pruned.
 
-    Writes ``<dirpath>/block_<k>.safetensors`` (bit-packed, atomically) when block ``k`` is done;
-    the packed masks are also the callback's ``state_dict`` so a Lightning checkpoint carries
-    them and ``--ckpt_path last`` restores them into the pruner.
+    The files are for people and tools (bit-packed, atomic); the run itself resumes from the
+    pruner's block shards (:mod:`~prox24_lightning.pipeline.shards`). On a resume each finished
+    block's file is checked against the restored masks (a file from another run or model is
+    refused) and written again if missing.
 
     Args:
-        dirpath: folder for the per-block mask files (default: ``<log dir>/masks``).
+        dirpath: folder for the per-block mask files (default: ``<default_root_dir>/masks``).
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
-        self._packed: dict[str, dict[str, Any]] = {}
 
     def _dir(self, trainer: L.Trainer) -> Path:
-        if self.dirpath:
-            return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "masks"
+        # The run folder, never a logger's version_N folder: a rerun must find the same files.
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "masks"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(pl_module, BlockPruning):
@@ -164,31 +254,20 @@ class MaskCheckpoint(L.Callback):
 
     def _make_listener(self, trainer: L.Trainer):
         def on_block_pruned(block: int, results: dict[str, Any]) -> None:
-            masks = {name: r.mask.cpu() for name, r in results.items()}
-            for name, m in masks.items():
-                self._packed[name] = {"bits": pack_mask(m), "shape": list(m.shape), "block": block}
             if trainer.is_global_zero:
+                masks = {name: r.mask.cpu() for name, r in results.items()}
                 save_masks(self._dir(trainer) / f"block_{block:03d}.safetensors", masks)
 
         return on_block_pruned
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After a resume the masks come from the checkpoint's callback state.
-        if not isinstance(pl_module, BlockPruning):
-            return
-        for name, m in self.masks().items():
-            pl_module.masks.setdefault(name, m)
-        if self._packed:
-            pl_module.check_masks(self.masks(), f"checkpoint {trainer.ckpt_path}")
-        if trainer.is_global_zero and self._packed:
+        if isinstance(pl_module, BlockPruning) and pl_module.masks and trainer.is_global_zero:
             self._verify_files(trainer, pl_module)
 
     def _verify_files(self, trainer: L.Trainer, pl_module: BlockPruning) -> None:
-        """On resume: each finished block's mask file must hold the checkpoint's masks (a file
-        from another model or run is refused); a missing file is written again."""
         by_block: dict[int, dict[str, Tensor]] = {}
-        for name, m in self.masks().items():
-            by_block.setdefault(int(self._packed[name]["block"]), {})[name] = m
+        for name, m in pl_module.masks.items():
+            by_block.setdefault(int(pl_module.report[name]["block"]), {})[name] = m
         for block, masks in sorted(by_block.items()):
             path = self._dir(trainer) / f"block_{block:03d}.safetensors"
             if not path.exists():
@@ -211,15 +290,6 @@ class MaskCheckpoint(L.Callback):
                     f"{name}: {detail}; it comes from another run or model: move it away or "
                     "use another dirpath"
                 )
-
-    def masks(self) -> dict[str, Tensor]:
-        return {n: unpack_mask(p["bits"], tuple(p["shape"])) for n, p in self._packed.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"masks": self._packed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._packed = dict(state_dict.get("masks", {}))
 
 
 def _sha256(path: Path) -> str:

@@ -1,8 +1,15 @@
 """``prox24``: the command line, a LightningCLI with ``fit``, ``validate``, ``test`` and ``check``.
 
     prox24 fit --config configs/demo.yaml
+    prox24 fit --model.model_name_or_path DIR --data.calibration '{name: text, path: FILE}' \
+        --trainer.default_root_dir OUT               # prune your own model, nothing else needed
     prox24 validate --config configs/demo.yaml        # the same model, unpruned
     prox24 check outputs/demo/export                  # verify an export is exactly 2:4
+
+A pruning run keeps everything under ``trainer.default_root_dir``: ``masks/``, ``checkpoints/``
+(``last.ckpt`` after every block), ``export/`` and ``logs/``; the mask, block-checkpoint and
+export callbacks are installed unless the config lists its own (``--prune_callbacks false``
+turns that off).
 
 The method is chosen with ``model.init_args.method`` (``prox``, ``wanda``, ``sparsegpt``,
 ``magnitude``); everything else is in the YAML files of ``configs/``.
@@ -15,13 +22,18 @@ another configuration is refused, naming the differences.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shlex
 import sys
+import warnings
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import ExportPruned
+from .callbacks import BlockPruning, ExportPruned, install_pruning_callbacks
 from .check import check_export
 from .data import PruningDataModule
 from .plan import plan_before_fit, plan_main
@@ -29,19 +41,121 @@ from .plan import plan_before_fit, plan_main
 __all__ = ["Prox24CLI", "main"]
 
 
+#: Lines nobody pruning a model needs (Lightning's and torch's, matched by message).
+_QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r"Found \d+ module\(s\) in eval mode.*",
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed.*",
+    r"The '\w+_dataloader' does not have many workers.*",
+    r".*`max_epochs` was not set.*",
+    r"The number of training batches \(\d+\) is smaller than the logging interval.*",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet() -> None:
+    for pattern in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in log.filters):
+            log.addFilter(_DropTips())
+
+
+def _max_positions(model_name_or_path: str | None) -> int | None:
+    """The model's maximum sequence length from its local config (``None`` if not local or not
+    stated): the data windows are checked against it before anything is tokenised."""
+    path = os.path.expanduser(str(model_name_or_path or ""))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    from transformers import AutoConfig
+
+    from .models import max_positions_from_config
+
+    try:
+        return max_positions_from_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_run_logger(logger: Any) -> bool:
+    return isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("RunLogger")
+
+
+def _is_pruner(class_path: Any) -> bool:
+    return str(class_path).rsplit(".", 1)[-1] == "BlockwisePruner"
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues a partial run: the same arguments without a stopping
+    ``--trainer.max_epochs`` and with ``--ckpt_path last``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        key = arg.split("=", 1)[0]
+        if key in ("--trainer.max_epochs", "--ckpt_path"):
+            skip = "=" not in arg
+            continue
+        out.append(shlex.quote(arg))
+    return " ".join(["prox24", *out, "--ckpt_path", "last"])
+
+
 class Prox24CLI(LightningCLI):
-    """LightningCLI with an ``--evaluate`` switch that scores the model before/after fit."""
+    """LightningCLI with an ``--evaluate`` switch that scores the model before/after fit, the
+    pruner as the default model, and a run folder that a rerun with ``--ckpt_path last`` finds."""
+
+    #: the arguments given to :func:`cli_main` (``None``: ``sys.argv``), for the resume hint.
+    _argv: list[str] | None = None
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # ``predict`` has no meaning for a pruner; ``check`` is dispatched before the parser.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        # The tokenizer is the model's: one path, given once.
+        # The pruner is the default model; the tokenizer is the model's: one path, given once.
+        parser.set_defaults({"model": {"class_path": "prox24_lightning.pruner.BlockwisePruner"}})
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
+        parser.link_arguments(
+            "model.init_args.model_name_or_path", "data.max_positions", compute_fn=_max_positions
+        )
         parser.add_argument(
             "--evaluate",
             type=str,
-            default="after",
-            choices=["none", "before", "after", "both"],
-            help="fit only: perplexity of the dense model before and/or the pruned one after",
+            default="auto",
+            choices=["auto", "none", "before", "after", "both"],
+            help="fit only: perplexity of the dense model before and/or the pruned one after; "
+            "auto = after when data.validation names evaluation sets, else none",
         )
+        parser.add_argument(
+            "--prune_callbacks",
+            type=bool,
+            default=True,
+            help="fit with the pruner: add the mask, block-checkpoint and export callbacks (and "
+            "the block progress bar) unless the config lists them",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.trainer
+        root = trainer.default_root_dir or "."
+        if trainer.logger is None or trainer.logger is True:
+            # No version_N folder: logs of a rerun land where the first run's are.
+            trainer.logger = Namespace(
+                class_path="prox24_lightning.callbacks.RunLogger",
+                init_args=Namespace(save_dir=root, name="logs"),
+            )
+        elif _is_run_logger(trainer.logger) and trainer.logger.init_args.get("save_dir") is None:
+            trainer.logger.init_args.save_dir = root
+        if _is_pruner(cfg.model.class_path) and trainer.enable_model_summary is None:
+            trainer.enable_model_summary = False  # "Trainable params: 0" says nothing here
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI (2.5+) would replace the model arguments by the hyper-parameters stored in
@@ -67,24 +181,47 @@ class Prox24CLI(LightningCLI):
             rank_zero_info(f"could not record the run config in the report: {err}")
             return None
 
+    def _pruning(self) -> bool:
+        return isinstance(self.model, BlockPruning)
+
+    def _evaluate_mode(self) -> str:
+        cfg = self.config.get(self.subcommand, {})
+        mode = cfg.get("evaluate", "auto")
+        if mode == "auto":
+            # The hub's WikiText2/C4 (data.validation left unset) only when asked for.
+            mode = "after" if cfg.get("data", {}).get("validation") is not None else "none"
+        return mode
+
     def before_fit(self) -> None:
         # The run plan, and a refusal when the output disk is too small, before anything loads.
         plan_before_fit(self.config.get(self.subcommand, self.config), log=rank_zero_info)
         self._metrics: dict[str, dict[str, float]] = {}
+        if self._pruning() and self.config[self.subcommand].get("prune_callbacks", True):
+            install_pruning_callbacks(self.trainer)
         exports = [cb for cb in self.trainer.callbacks if isinstance(cb, ExportPruned)]
         if exports:
             config = self._run_config()
             for cb in exports:
                 cb.run_config = config
-        mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
+        mode = self._evaluate_mode()
         ckpt = self.config.get(self.subcommand, {}).get("ckpt_path")
         if mode in ("before", "both") and ckpt is None:
             self._evaluate(getattr(self.model, "eval_labels", ("dense", "pruned"))[0])
 
     def after_fit(self) -> None:
-        mode = self.config.get(self.subcommand, {}).get("evaluate", "after")
+        mode = self._evaluate_mode()
+        label = getattr(self.model, "eval_labels", ("dense", "pruned"))[1]
+        partial = self._pruning() and not self.model.is_complete
+        if partial:
+            done, total = len(self.model.pruned_blocks), self.model.num_blocks
+            label = f"partial ({done}/{total} blocks pruned)"
+            if self.trainer.is_global_zero:
+                print(
+                    f"partial run: {done} of {total} blocks pruned, no export yet. Resume with:\n"
+                    f"  {resume_command(sys.argv[1:] if self._argv is None else self._argv)}"
+                )
         if mode in ("after", "both"):
-            self._evaluate(getattr(self.model, "eval_labels", ("dense", "pruned"))[1])
+            self._evaluate(label)
         for cb in self.trainer.callbacks:
             if isinstance(cb, ExportPruned) and self.trainer.is_global_zero:
                 cb.update_report(perplexity=self._metrics)
@@ -123,10 +260,12 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
     """
     import lightning as L
 
+    _quiet()
     from . import strategies  # noqa: F401  (registers trainer.strategy: blockwise_ddp)
     from .finetune import MaskedFinetuner  # noqa: F401  (registers the short name)
     from .pruner import BlockwisePruner  # noqa: F401
 
+    Prox24CLI._argv = None if args is None else list(args)
     return Prox24CLI(
         L.LightningModule,
         PruningDataModule,
@@ -134,7 +273,11 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
-        parser_kwargs={"description": "2:4 pruning of causal LMs (Kübler et al., TMLR 2025)"},
+        parser_kwargs={
+            "description": "2:4 pruning of causal LMs (Kübler et al., TMLR 2025). Subcommands: "
+            "fit (prune), validate (perplexity), test, and `prox24 check EXPORT_DIR` (verify "
+            "an export)."
+        },
         **kwargs,
     )
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from itertools import islice
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -61,9 +62,24 @@ from .pipeline import (
     restore_pruned_weights,
     run_fingerprint,
 )
+from .pipeline.shards import read_shard, shard_path, write_shard
 from .solvers import METHODS, MethodConfig, PruneResult, make_config
 
 __all__ = ["BlockwisePruner"]
+
+
+#: The pruner's settings that decide the masks (with the model path and the solver config).
+FINGERPRINT_KEYS = (
+    "revision",
+    "gguf_file",
+    "dtype",
+    "method",
+    "targets",
+    "ignore",
+    "on_indivisible",
+    "propagation",
+    "sequential",
+)
 
 
 class _StrategyCollective:
@@ -83,7 +99,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
     Args:
         model_name_or_path: hub id, local directory, ``.gguf`` file or ``pypi:<package>``.
         method: the one switch, a name of :data:`~prox24_lightning.solvers.METHODS`: ``prox``
-            (Kübler et al.), ``wanda``, ``sparsegpt`` or ``magnitude``.
+            (Kübler et al.), ``wanda``, ``sparsegpt``, ``magnitude``, ``alps``, ``admm``.
         solver: the method's settings (its config dataclass's fields; see
             :func:`~prox24_lightning.solvers.make_config`): ``{recipe: fast, beta: 1.05}`` starts
             from a named prox recipe; ``refine_steps > 0`` adds refinement ("+GD") to a baseline.
@@ -109,7 +125,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
-        method: Literal["prox", "wanda", "sparsegpt", "magnitude"] = "prox",
+        method: str = "prox",
         solver: dict[str, Any] | None = None,
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         revision: str | None = None,
@@ -244,6 +260,14 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.check_model()
+        # One epoch per block: the run ends with the last block (a smaller max_epochs stops early).
+        loop = self.trainer.fit_loop
+        if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > self.num_blocks:
+            loop.max_epochs = self.num_blocks
+        # A half-pruned model has no perplexity worth computing: evaluation comes before or
+        # after fit (the CLI's --evaluate), never in between.
+        self.trainer.num_sanity_val_steps = 0
+        self.trainer.check_val_every_n_epoch = loop.max_epochs + 1
 
     def on_train_start(self) -> None:
         # After a resume, MaskCheckpoint (whose hook runs first) has restored and checked the
@@ -297,7 +321,6 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         stage = self._stage
         assert stage is not None and self._cache is not None
         results = stage.finish()
-        self._close_stage()
         self._cache.advance()
         self._local_solves += stage.local_solves
         self.prune_state.solves_per_rank[:] = [
@@ -305,6 +328,8 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         ]
         transposed = {n for n in results if is_conv1d(stage.layers[n])}
         self.prune_state.record(k, results, stage.tokens, transposed)
+        self._write_shard(k, stage, results)
+        self._close_stage()
         for listener in self.block_pruned_listeners:
             listener(k, results)
         self._log_results(results)
@@ -380,37 +405,36 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
     # ------------------------------------------------------------------------ checkpoints
     def fingerprint(self) -> dict[str, Any]:
         """Everything that decides the masks: a checkpoint only resumes a run with equal values."""
-        hp, path = self.hparams, self.model_name_or_path
-        keys = ("revision", "gguf_file", "dtype", "method", "targets", "ignore", "on_indivisible")
+        hp, path, trainer = self.hparams, self.model_name_or_path, self._trainer
         settings = {
+            **{key: hp[key] for key in FINGERPRINT_KEYS},
             "model_name_or_path": os.path.abspath(path) if os.path.exists(path) else path,
-            **{key: hp[key] for key in keys},
             "solver": asdict(self.solver),
-            "propagation": hp.propagation,
-            "sequential": hp.sequential,
         }
-        trainer = self._trainer
         if trainer is None:
             return run_fingerprint(settings, self.lm)
         dm = trainer.datamodule
+        calibration, batch = getattr(dm, "calibration_data", None), getattr(dm, "batch_size", None)
         return run_fingerprint(
-            settings,
-            self.lm,
-            world_size=trainer.world_size,
-            precision=str(trainer.precision),
-            calibration=getattr(dm, "calibration_data", None),
-            batch_size=getattr(dm, "batch_size", None),
+            settings, self.lm, trainer.world_size, str(trainer.precision), calibration, batch
         )
+
+    def _write_shard(self, k: int, stage: BlockStage, results: dict[str, PruneResult]) -> None:
+        """Block ``k``'s weights, masks and report rows, once (rank 0; the folder is shared)."""
+        state = self.prune_state
+        state.shard_dir = state.shard_dir or str(Path(self.trainer.default_root_dir) / "blocks")
+        if self.trainer.is_global_zero:
+            weights = {f"{n}.weight": stage.layers[n].weight for n in results}
+            masks = {n: state.masks[n] for n in results}
+            rows = {n: state.report[n] for n in results}
+            state.shards[k] = write_shard(state.shard_dir, k, weights, masks, rows)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prox24"] = self.prune_state.to_checkpoint(self.fingerprint())
-        if self.offloaded is not None:
-            # The offloaded model is not in ``state_dict``; what pruning changed is the weights
-            # of the pruned layers (the rest reloads from ``model_name_or_path``).
-            store, key = self.offloaded.store, self.offloaded.key
-            checkpoint["prox24"]["pruned_weights"] = {
-                f"{n}.weight": store[key(f"{n}.weight")] for n in self.report
-            }
+        # The model is not saved: a resume reloads it and applies the block shards.
+        sd = checkpoint.get("state_dict", {})
+        for key in [k for k in sd if k.startswith("lm.")]:
+            del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("prox24", {})
@@ -425,5 +449,19 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         world_size = self._trainer.world_size if self._trainer is not None else 1
         if len(self.solves_per_rank) == world_size:
             self._local_solves = self.solves_per_rank[self.global_rank]
-        restore_pruned_weights(checkpoint, state.get("pruned_weights"), self.lm, self.offloaded)
+        self._apply_shards()
+        restore_pruned_weights(checkpoint, None, self.lm, self.offloaded)
         rank_zero_info(f"resuming after {len(self.report)} pruned layers")
+
+    def _apply_shards(self) -> None:
+        """Each pruned block's shard (SHA-256 checked) into the model, the masks and report."""
+        state = self.prune_state
+        # The run folder is the unit: its own blocks/ first (a copied or moved run resumes from
+        # its copy), the recorded folder otherwise.
+        here = Path(self.trainer.default_root_dir) / "blocks"
+        folder = state.shard_dir = str(here) if here.is_dir() else state.shard_dir or str(here)
+        for k in sorted(state.pruned_blocks):
+            weights, masks, rows = read_shard(folder, k, state.shards.get(k))
+            restore_pruned_weights({}, weights, self.lm, self.offloaded, in_place=True)
+            state.apply_shard(masks, rows)
+            self.check_masks(masks, f"block shard {shard_path(folder, k)}")

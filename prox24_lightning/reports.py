@@ -161,6 +161,7 @@ def build_report(
             "dead_features": sum(dead.values()),
             "layers_with_dead_features": sorted(n for n, d in dead.items() if d),
             "forced_2of4": sorted(n for n, v in layers.items() if v.get("forced_2of4")),
+            "capped": sorted(n for n, v in layers.items() if v.get("capped")),
             "skipped_layers": skipped,
             "solves_per_rank": list(getattr(pl_module, "solves_per_rank", []) or []),
         },
@@ -169,29 +170,44 @@ def build_report(
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The console table of a pruning report: one row per layer, then the summary.
+
+    The 2:4 column says ``cap`` for a layer whose prox phase hit ``max_prox_steps`` (its last
+    groups were forced to 2:4 by magnitude); the summary counts such layers and the targeted
+    layers left dense.
+    """
     rows = [
         "| layer | shape | sparsity | 2:4 | iters | lambda | loss before GD | loss after | s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in report["layers"].items():
+        flag = ("yes (cap)" if v.get("capped") else "yes") if v["is_2of4"] else "NO"
         rows.append(
             f"| {name} | {v['shape'][0]}x{v['shape'][1]} | {v['sparsity']:.3f} | "
-            f"{'yes' if v['is_2of4'] else 'NO'} | {v['iterations_to_2of4']} | "
+            f"{flag} | {v['iterations_to_2of4']} | "
             f"{v['final_lambda']:.3g} | {v['loss_method']:.4g} | {v['loss_final']:.4g} | "
             f"{v['seconds']:.2f} |"
         )
     s = report["summary"]
+    skipped = s.get("skipped_layers") or {}
     rows.append(
-        f"\n{s['layers']} layers, sparsity {s['sparsity']:.4f}, all 2:4: {s['all_2of4']}, "
-        f"summed local loss {s['loss_final_sum']:.4g}, solver time {s['solver_seconds']:.1f} s"
+        f"\n{s['layers']} layers pruned, sparsity {s['sparsity']:.4f}, all 2:4: {s['all_2of4']}, "
+        f"{len(skipped)} targeted layers left dense, summed local loss "
+        f"{s['loss_final_sum']:.4g}, solver time {s['solver_seconds']:.1f} s"
     )
+    capped = [n for n, v in report["layers"].items() if v.get("capped")]
+    if capped:
+        rows.append(
+            f"{len(capped)} layers hit the iteration cap (max_prox_steps) and were forced to 2:4 "
+            f"by magnitude: {', '.join(capped)}; raise max_prox_steps or beta"
+        )
     if s.get("dead_features"):
         rows.append(
             f"{s['dead_features']} dead input features (never active on the calibration data) "
             f"in {len(s['layers_with_dead_features'])} layers; pruned first"
         )
-    if s.get("skipped_layers"):
-        rows.append(f"left dense: {', '.join(s['skipped_layers'])}")
+    if skipped:
+        rows.append("left dense: " + ", ".join(f"{n} ({why})" for n, why in skipped.items()))
     return "\n".join(rows)
 
 

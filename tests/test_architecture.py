@@ -37,7 +37,7 @@ def test_modules_stay_small_and_the_pruner_thin():
 
 
 def test_methods_live_in_one_registry():
-    assert list(METHODS) == ["magnitude", "wanda", "sparsegpt", "prox"]
+    assert {"magnitude", "wanda", "sparsegpt", "prox"} <= set(METHODS)
     for name, cls in METHODS.items():
         assert cls.name == name
         assert isinstance(make_config(name), cls.config_class)

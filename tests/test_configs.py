@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from prox24_lightning.cli import cli_main
+from prox24_lightning.solvers import METHODS, make_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -25,7 +26,8 @@ def test_config_parses(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
     if model["class_path"].endswith("BlockwisePruner"):
-        assert model["init_args"]["method"] in {"prox", "wanda", "sparsegpt", "magnitude"}
+        assert model["init_args"]["method"] in METHODS
+        make_config(model["init_args"]["method"], model["init_args"].get("solver"))
     else:
         assert model["class_path"].endswith("MaskedFinetuner")
         assert model["init_args"]["model_name_or_path"]

@@ -87,7 +87,8 @@ class PruningDataModule(L.LightningDataModule):
             ``nsamples`` random documents longer than ``seqlen``) or ``packed`` (the paper's:
             documents joined with EOS and cut into consecutive windows).
         nsamples: Number of calibration windows.
-        seqlen: Tokens per calibration window.
+        seqlen: Tokens per calibration window (``None``: the paper's 2048, or the model's
+            ``max_positions`` if that is smaller).
         seed: Seed of ``random_windows`` sampling.
         validation: Named evaluation sources; the order of the mapping is the order of the
             loaders and of ``val_names``. ``None`` means WikiText2 test + C4 validation from the
@@ -101,8 +102,9 @@ class PruningDataModule(L.LightningDataModule):
             ``~/.cache/prox24_lightning``).
         num_workers: ``DataLoader`` worker processes (the data are in-memory tensors, so 0 is
             usually best).
-        max_positions: The model's maximum sequence length, if known; ``seqlen`` and
-            ``eval_seqlen`` above it raise at construction.
+        max_positions: The model's maximum sequence length, if known (the ``prox24`` CLI reads
+            it from the model's config); ``seqlen`` and ``eval_seqlen`` above it raise at
+            construction.
         bos: ``auto`` puts the tokenizer's BOS first in every calibration and evaluation window
             when the model expects it (tokenizer config ``add_bos_token``, a tokenizer whose own
             encoding starts with BOS, or a GGUF file's ``tokenizer.ggml.add_bos_token``);
@@ -117,7 +119,7 @@ class PruningDataModule(L.LightningDataModule):
         calibration: TextSource = TextSource(name="c4"),  # noqa: B008 (frozen dataclass)
         calibration_mode: CalibrationMode = "random_windows",
         nsamples: int = 128,
-        seqlen: int = 2048,
+        seqlen: int | None = None,
         seed: int = 0,
         validation: dict[str, TextSource] | None = None,
         eval_seqlen: int | None = None,
@@ -147,6 +149,8 @@ class PruningDataModule(L.LightningDataModule):
             raise ValueError(f"max_eval_windows must be >= 1, got {max_eval_windows}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if seqlen is None:
+            seqlen = min(2048, max_positions or 2048)
         check_seqlen(seqlen, max_positions, what="seqlen")
         check_seqlen(
             seqlen if eval_seqlen is None else eval_seqlen, max_positions, what="eval_seqlen"
@@ -216,7 +220,8 @@ class PruningDataModule(L.LightningDataModule):
             return True, True
         stage = str(getattr(stage, "value", stage))
         if stage == "fit":
-            return True, True
+            # Evaluation sets load when an evaluation runs (val_dataloader), not for pruning.
+            return True, False
         if stage in ("validate", "test"):
             return False, True
         return False, False
@@ -282,9 +287,12 @@ class PruningDataModule(L.LightningDataModule):
                 )
             self.calibration_data = data
         if need_eval:
-            for name in self.val_names:
-                if name in self.eval_data:
-                    continue
+            self._load_eval_sets()
+
+    def _load_eval_sets(self) -> None:
+        world = self._world_size()
+        for name in self.val_names:
+            if name not in self.eval_data:
                 data = self._eval_tensor(name)
                 if world > 1 and len(data) % world:
                     rank_zero_warn(
@@ -321,12 +329,8 @@ class PruningDataModule(L.LightningDataModule):
         return self._loader(self.calibration_data, self.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per evaluation set, in ``val_names`` order."""
-        missing = [n for n in self.val_names if n not in self.eval_data]
-        if missing:
-            raise RuntimeError(
-                f"call setup('validate') first; evaluation sets {missing} not loaded"
-            )
+        """One loader per evaluation set, in ``val_names`` order (loaded on first use)."""
+        self._load_eval_sets()
         return [self._loader(self.eval_data[n], self.eval_batch_size) for n in self.val_names]
 
     def test_dataloader(self) -> list[DataLoader]:

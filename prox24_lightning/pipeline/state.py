@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..models import OffloadedModel
@@ -44,6 +45,9 @@ class PruneState:
     skipped: dict[str, str] = field(default_factory=dict)
     #: layer solves run by each rank so far (index = global rank); without DDP, one entry.
     solves_per_rank: list[int] = field(default_factory=list)
+    #: per pruned block: the SHA-256 of its shard (:mod:`.shards`), and the shards' folder.
+    shards: dict[int, str] = field(default_factory=dict)
+    shard_dir: str | None = None
 
     def record(
         self,
@@ -65,10 +69,12 @@ class PruneState:
         return num_blocks > 0 and self.pruned_blocks >= set(range(num_blocks))
 
     def to_checkpoint(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint entry (the masks travel in the mask callback's state and files)."""
+        """The checkpoint entry: the run's position and an index of the block shards. Weights,
+        masks and report rows live in the shards, so its size does not grow with the model."""
         return {
-            "report": self.report,
             "pruned_blocks": sorted(self.pruned_blocks),
+            "shards": {str(k): v for k, v in sorted(self.shards.items())},
+            "shard_dir": self.shard_dir,
             "transposed": sorted(self.transposed),
             "skipped": self.skipped,
             "fingerprint": fingerprint,
@@ -85,11 +91,19 @@ class PruneState:
             )
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
-        self.report = dict(state.get("report", {}))
+        """The run's position and shard index (:meth:`apply_shard` then restores each block)."""
+        self.report, self.masks = {}, {}
         self.pruned_blocks = set(state.get("pruned_blocks", []))
+        self.shards = {int(k): v for k, v in state.get("shards", {}).items()}
+        self.shard_dir = state.get("shard_dir")
         self.transposed = set(state.get("transposed", []))
         self.skipped = dict(state.get("skipped", {}))
         self.solves_per_rank = list(state.get("solves_per_rank", []))
+
+    def apply_shard(self, masks: dict[str, Tensor], report: dict[str, dict[str, Any]]) -> None:
+        """Restore one block's masks and report rows from its shard."""
+        self.masks.update(masks)
+        self.report.update(report)
 
 
 def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
@@ -129,7 +143,6 @@ def layer_report(block: int, result: PruneResult, tokens: int) -> dict[str, Any]
 def run_fingerprint(
     settings: dict[str, Any],
     model: nn.Module | None,
-    *,
     world_size: int | None = None,
     precision: str | None = None,
     calibration: Tensor | None = None,
@@ -161,25 +174,32 @@ def restore_pruned_weights(
     pruned: dict[str, Tensor] | None,
     model: nn.Module | None,
     offloaded: OffloadedModel | None,
+    *,
+    in_place: bool = False,
 ) -> None:
-    """Bring the pruned weights of ``checkpoint`` back, whichever mode (offload or not) wrote it.
+    """Put pruned weights (``{"<layer>.weight": tensor}``) into the model and make
+    ``checkpoint["state_dict"]`` agree with it.
 
-    With offload they go into the CPU store, and the ``lm.*`` entries a run without offload saved
-    are taken from ``state_dict`` (Lightning would refuse them: the offloaded model is not a
-    submodule). Without offload, a checkpoint written with offload holds only the pruned weights
-    (``pruned``): the others are completed from the loaded ``model`` for Lightning's strict
-    ``load_state_dict``.
+    ``in_place`` copies ``pruned`` straight into the model's tensors (the CPU store with
+    offload), one shard at a time. Otherwise the checkpoint's ``state_dict`` is completed for
+    Lightning's strict ``load_state_dict``: without offload its missing ``lm.*`` entries are the
+    model's own tensors (no copy), with offload the ``lm.*`` entries are dropped (the offloaded
+    model is not a submodule).
     """
+    if in_place:
+        params = dict(model.state_dict()) if offloaded is None and model is not None else {}
+        with torch.no_grad():
+            for name, tensor in (pruned or {}).items():
+                if offloaded is not None:
+                    offloaded.store[offloaded.key(name)].copy_(tensor)
+                else:
+                    params[name].copy_(tensor)
+        return
     sd = checkpoint.setdefault("state_dict", {})
     if offloaded is not None:
-        saved = [k for k in sd if k.startswith("lm.")]
-        if pruned is None and saved:
-            pruned = {k.removeprefix("lm."): sd[k] for k in saved}
-        for k in saved:
+        for k in [k for k in sd if k.startswith("lm.")]:
             del sd[k]
-        for name, tensor in (pruned or {}).items():
-            offloaded.store[offloaded.key(name)].copy_(tensor)
-    elif pruned is not None and model is not None:
+    elif model is not None:
         for name, tensor in model.state_dict().items():
             sd.setdefault(f"lm.{name}", tensor)
-        sd.update({f"lm.{name}": tensor for name, tensor in pruned.items()})
+        sd.update({f"lm.{name}": tensor for name, tensor in (pruned or {}).items()})
