@@ -285,7 +285,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self._stage_start = time.perf_counter()
         if self._cache is None:
             offload = self.hparams.offload_activations or self.hparams.offload
-            self._cache = BlockInputCache("cpu" if offload else self.device)
+            self._cache = BlockInputCache("cpu" if offload else self.device, pin=offload)
         if self.offloaded is not None and self._cache.block != k:
             self._rebuild_inputs(k)
         opt = self.optimizers()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from helpers import PROX_SOLVER, fit_args
@@ -65,3 +66,42 @@ def test_checkpoint_stays_small_and_resume_is_identical(tmp_path, text_files, of
     shutil.copy(kept, again / "checkpoints" / "last.ckpt")
     _run(model, again, text_files[0], offload, ckpt_path="last")
     same(ref / "export", again / "export")
+
+
+class _CachePeak(L.Callback):
+    """The activation cache's hidden-state bytes: the peak over the run and the dtype seen."""
+
+    def __init__(self) -> None:
+        self.peak, self.dtypes = 0, set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        cache = pl_module._cache
+        self.peak = max(self.peak, cache.peak_bytes)
+        self.dtypes |= (
+            {h.dtype for _, h, _ in cache.items(cache.block)} if cache.block >= 0 else set()
+        )
+
+
+@pytest.mark.parametrize("offload", ["false", "true"])
+def test_cached_activations_are_one_copy_in_the_model_dtype(tmp_path, text_files, offload):
+    """Host memory for cached activations is at most one copy in the model's dtype plus one
+    batch: each batch's output replaces its input (pruned propagation), with and without offload."""
+    model = save_tiny_model(tmp_path / "model", "llama", num_layers=3, hidden_size=32)
+    peak = _CachePeak()
+    args = fit_args(
+        model,
+        tmp_path / "run",
+        text_files[0],
+        method="wanda",
+        **{
+            "model.dtype": "bfloat16",
+            "model.offload": offload,
+            "model.offload_activations": "true",
+        },
+        **{"data.nsamples": "8", "data.seqlen": "32", "data.batch_size": "2", "evaluate": "none"},
+    )
+    cli = cli_main(args, trainer_defaults={"callbacks": [peak]})
+    assert cli.model.is_complete
+    one_copy, one_batch = 8 * 32 * 32 * 2, 2 * 32 * 32 * 2  # bf16: 2 bytes
+    assert peak.dtypes == {torch.bfloat16}
+    assert one_copy <= cli.model._cache.peak_bytes <= one_copy + one_batch

@@ -1,11 +1,14 @@
 """``BlockInputCache``: the calibration activations entering the block being pruned.
 
-One entry per calibration batch: the hidden states and the block's keyword inputs (attention
-mask, rotary embeddings, ...), as captured at block 0 by a pre-hook. The next block's inputs are
-filled while the current block propagates, then :meth:`BlockInputCache.advance` makes them
-current. Activations live on ``storage`` (the CPU when offloading) and are fetched to the compute
-device batch by batch. The cache is derived state: it is never checkpointed, a resumed run
-rebuilds it by replaying the pruned blocks.
+One entry per calibration batch: the hidden states (in the model's dtype) and the block's
+keyword inputs (attention mask, rotary embeddings, ...), as captured at block 0 by a pre-hook.
+With pruned propagation each batch's output replaces its input in place
+(:meth:`BlockInputCache.replace_batch`), so one copy of the activations is alive plus the batch
+being computed; dense propagation needs the next block's inputs beside the current ones
+(:meth:`BlockInputCache.put_next`) until :meth:`BlockInputCache.advance`. Activations live on
+``storage`` (the CPU when offloading: pinned when the compute device is a GPU, so the copies
+are asynchronous) and are fetched to the compute device batch by batch. The cache is derived
+state: never checkpointed, a resumed run rebuilds it by replaying the pruned blocks.
 """
 
 from __future__ import annotations
@@ -30,15 +33,30 @@ class BlockInputCache:
         storage: where cached activations wait between uses (the compute device, or the CPU).
     """
 
-    def __init__(self, storage: torch.device | str) -> None:
+    def __init__(self, storage: torch.device | str, *, pin: bool = False) -> None:
         self.storage = torch.device(storage)
+        #: page-locked host buffers (CPU storage, GPU compute): non-blocking copies.
+        self.pin = pin and self.storage.type == "cpu" and torch.cuda.is_available()
         #: the block whose inputs :meth:`fetch` returns (-1: none yet).
         self.block = -1
         self._current: dict[int, BlockInputs] = {}
         self._next: dict[int, BlockInputs] = {}
+        #: the most hidden-state bytes held at once (current + next), for tests and plans.
+        self.peak_bytes = 0
 
     def _stored(self, hidden: Tensor, kwargs: dict[str, Any]) -> BlockInputs:
-        return hidden.to(self.storage), block_kwargs_to(kwargs, self.storage)
+        hidden = hidden.to(self.storage)
+        if self.pin and not hidden.is_pinned():
+            hidden = hidden.pin_memory()
+        return hidden, block_kwargs_to(kwargs, self.storage)
+
+    def nbytes(self) -> int:
+        """Bytes of the hidden states held now (current and next block)."""
+        held = [h for h, _ in self._current.values()] + [h for h, _ in self._next.values()]
+        return sum(h.numel() * h.element_size() for h in held)
+
+    def _track(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
     def has(self, block: int, batch: int) -> bool:
         """Whether batch ``batch``'s inputs of block ``block`` are cached."""
@@ -47,21 +65,33 @@ class BlockInputCache:
     def fetch(self, batch: int, device: torch.device | str) -> BlockInputs:
         """Batch ``batch``'s inputs of the current block, on ``device``."""
         hidden, kwargs = self._current[batch]
-        return hidden.to(device), block_kwargs_to(kwargs, device)
+        return hidden.to(device, non_blocking=self.pin), block_kwargs_to(kwargs, device)
 
     def put(self, block: int, batch: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
         """Cache batch ``batch``'s inputs of ``block`` (a fresh capture starts a new block)."""
         if self.block != block:
             self._current, self.block = {}, block
         self._current[batch] = self._stored(hidden, kwargs)
+        self._track()
 
     def replace(self, block: int, inputs: list[BlockInputs]) -> None:
         """All inputs of ``block`` at once (already on :attr:`storage`), batch ``i`` at ``i``."""
         self._current, self.block = dict(enumerate(inputs)), block
+        self._track()
 
     def put_next(self, batch: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
         """Cache batch ``batch``'s inputs of the next block (an output of the current one)."""
         self._next[batch] = self._stored(hidden, kwargs)
+        self._track()
+
+    def replace_batch(self, batch: int, hidden: Tensor) -> None:
+        """Batch ``batch``'s output of the current block replaces its input (the input's last
+        use): one copy of the activations stays alive. Call :meth:`advance` after all batches."""
+        _, kwargs = self._current[batch]
+        self._current[batch] = (None, kwargs)  # type: ignore[assignment]  # free first
+        self._current[batch] = self._stored(hidden, kwargs)
+        self._track()
+        self._replaced = True
 
     def start_block(self) -> None:
         """Forget next-block inputs of an interrupted stage."""
@@ -75,10 +105,14 @@ class BlockInputCache:
                 "no cached block inputs: propagation needs the whole epoch in one process "
                 "(limit_train_batches and the like must not skip batches)"
             )
-        for i, (hidden, kwargs) in self._current.items():
+        for i in list(self._current):
+            hidden, kwargs = self._current[i]
             yield i, hidden, kwargs
 
     def advance(self) -> None:
-        """The next block's inputs become current."""
-        self._current, self._next = self._next, {}
+        """The next block's inputs become current (already in place after
+        :meth:`replace_batch`)."""
+        if not getattr(self, "_replaced", False):
+            self._current = self._next
+        self._next, self._replaced = {}, False
         self.block += 1

@@ -171,7 +171,7 @@ class BlockStage:
                 out = run_block(self.block, h, kw)
             if store:
                 check_finite(out, f"output of pruned block {self.index} ({self.name})")
-                self.cache.put_next(i, out, kw)
+                self.cache.replace_batch(i, out)  # one copy of the activations, not two
 
     # ----------------------------------------------------------------------------- solve
     def _solve(self, names: list[str], collector: GramCollector) -> dict[str, PruneResult]:
