@@ -1,7 +1,8 @@
 """Gram collection for the linear layers of one block, with shared inputs computed once.
 
 No Lightning here: the pruner (and any plain-PyTorch driver) registers a :class:`GramCollector`
-on a block, runs the block on calibration activations, and reads one fp32 Gram per *input*:
+on a block, runs the block on calibration activations, and reads one fp32 Gram per *input*
+(accumulated in IEEE fp32 whatever the global matmul precision, with its token count):
 layers that consume the very same tensor in a forward pass (q/k/v, gate/up) share it, and the
 order in which inputs first appear gives the true-sequential groups (q/k/v -> o -> gate/up ->
 down for Llama) without any per-architecture table.
@@ -91,6 +92,8 @@ class GramCollector:
         return self.grams[lead].gram
 
     def tokens_of(self, name: str) -> int:
+        """Tokens summed in :meth:`gram_of`; pass it on as ``LayerSolve(..., n_tokens=...)`` so
+        that lambda means the same at any calibration size (``ProxConfig``)."""
         return self.grams[self.leader[name]].n_tokens
 
     def free(self, names: Iterable[str] | None = None) -> None:

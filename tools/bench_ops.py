@@ -22,8 +22,9 @@
     SparseGPT with a converged CG refit are printed as reference losses.
 
     Caveat: by the regularizer's cubic homogeneity, the number of prox iterations depends on the
-    scale of the normalised weights ``W_ij sqrt(H_jj)``, i.e. on the weight scale and the number of
-    calibration tokens (the Gram is a sum over tokens), so iteration counts of a real model differ.
+    scale of the normalised weights ``W_ij sqrt(H_jj)``, i.e. on the weight scale and, unless
+    ``prune_weight`` is given ``n_tokens`` (then the Gram is taken to the paper's 2^21 tokens),
+    on the number of calibration tokens, so iteration counts of a real model differ.
 
 Usage::
 

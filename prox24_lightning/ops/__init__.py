@@ -1,10 +1,20 @@
 """Pure tensor math for 2:4 pruning. Nothing here imports Lightning."""
 
-from .gram import DiagonalNormalization, GramAccumulator, lipschitz, local_loss, normalize
+from .gram import (
+    REFERENCE_TOKENS,
+    DiagonalNormalization,
+    GramAccumulator,
+    lipschitz,
+    local_loss,
+    normalize,
+    token_scale,
+)
 from .masks import apply_mask, frac_groups_2of4, is_2of4, mask_2of4, pack_mask, unpack_mask
+from .precision import matmul_precision
 from .prox import group_view, prox_2of4, prox_objective, reg_2of4
 
 __all__ = [
+    "REFERENCE_TOKENS",
     "DiagonalNormalization",
     "GramAccumulator",
     "apply_mask",
@@ -14,10 +24,12 @@ __all__ = [
     "lipschitz",
     "local_loss",
     "mask_2of4",
+    "matmul_precision",
     "normalize",
     "pack_mask",
     "prox_2of4",
     "prox_objective",
     "reg_2of4",
+    "token_scale",
     "unpack_mask",
 ]

@@ -9,20 +9,60 @@ the coordinates of paper.md §4.1,
 
 where the loss is unchanged, ``|W̃|`` is the Wanda score and ``H̃`` has a unit diagonal, so step
 sizes, lambdas and dampening transfer between layers.
+
+**Token count.** ``H`` is a sum over the ``N`` calibration tokens, so ``W̃`` grows like ``sqrt(N)``
+while ``H̃`` does not depend on ``N``. The solvers therefore work on the Gram rescaled to the
+paper's calibration size, ``(REFERENCE_TOKENS / N) H`` (:func:`token_scale`), so that a lambda
+means the same at any ``N`` (see ``ProxConfig``). Products run in IEEE fp32 whatever the global
+matmul precision (:func:`~prox24_lightning.ops.precision.matmul_precision`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["GramAccumulator", "DiagonalNormalization", "normalize", "local_loss", "lipschitz"]
+from .precision import matmul_precision
+
+__all__ = [
+    "REFERENCE_TOKENS",
+    "GramAccumulator",
+    "DiagonalNormalization",
+    "normalize",
+    "local_loss",
+    "lipschitz",
+    "token_scale",
+]
+
+#: The paper's calibration size, 1024 sequences of 2048 tokens (2^21 = 2,097,152 tokens): the
+#: token count in whose units an absolute ``lambda0`` is given.
+REFERENCE_TOKENS = 1024 * 2048
+
+
+def token_scale(n_tokens: int | None) -> float:
+    """``REFERENCE_TOKENS / n_tokens``: the factor that takes a Gram summed over ``n_tokens``
+    tokens to the paper's units (``1.0`` when the count is unknown, i.e. ``H`` is taken as is).
+
+    Multiplying ``H`` by ``c`` multiplies the normalised weights ``W̃ = W diag(H)^½`` by
+    ``sqrt(c)`` and leaves ``H̃`` alone. A power of two (the same text given twice) scales
+    exactly, so the solves of ``(G, N)`` and ``(2G, 2N)`` are bit-identical.
+    """
+    if n_tokens is None:
+        return 1.0
+    if int(n_tokens) <= 0:
+        raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
+    return REFERENCE_TOKENS / int(n_tokens)
 
 
 class GramAccumulator:
     """Running ``H = sum_t x_t x_t^T`` in fp32, whatever the dtype of the activations.
+
+    The products run in IEEE fp32 also when the global matmul precision allows TF32 or bf16
+    (:func:`~prox24_lightning.ops.precision.matmul_precision`), and ``n_tokens`` counts the rows
+    summed, for the token-count-independent lambda (:func:`token_scale`).
 
     Args:
         in_features: size of the layer input.
@@ -37,8 +77,9 @@ class GramAccumulator:
     def update(self, x: Tensor) -> None:
         """Add the tokens of ``x`` (``[..., in_features]``) to the Gram matrix."""
         x = x.reshape(-1, x.shape[-1]).to(device=self.gram.device, dtype=torch.float32)
-        # autocast would run this GEMM in bf16; the statistic must stay fp32.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # autocast would run this GEMM in bf16, a TF32/bf16 matmul precision in 10/8-bit
+        # mantissas: the statistic must stay fp32.
+        with torch.autocast(device_type=x.device.type, enabled=False), matmul_precision():
             self.gram.addmm_(x.T, x)
         self.n_tokens += x.shape[0]
 
@@ -99,7 +140,8 @@ def normalize(gram: Tensor, *, dead_eps: float = 1e-8) -> DiagonalNormalization:
 def local_loss(w: Tensor, w0: Tensor, gram: Tensor) -> float:
     """``tr((W - W0) H (W - W0)^T)`` in fp32 (= ``||(W - W0) X||_F^2`` for ``H = X X^T``)."""
     d = w.float() - w0.float()
-    return float(((d @ gram.float()) * d).sum())
+    with matmul_precision():
+        return float(((d @ gram.float()) * d).sum())
 
 
 @torch.no_grad()
@@ -107,16 +149,18 @@ def lipschitz(gram: Tensor, *, iters: int = 50, safety: float = 1.02) -> float:
     """Largest eigenvalue of a PSD matrix by power iteration, times a small safety factor.
 
     Any estimate above ``lambda_max / 2`` keeps gradient steps of ``1/L`` stable; power iteration
-    approaches ``lambda_max`` from below, hence the factor.
+    approaches ``lambda_max`` from below, hence the factor. One host read at the end (a zero
+    matrix turns ``v`` into NaN, caught there), not one per iteration.
     """
     n = gram.shape[0]
     v = torch.ones(n, dtype=gram.dtype, device=gram.device) / n**0.5
     lam = torch.zeros((), dtype=gram.dtype, device=gram.device)
-    for _ in range(iters):
-        u = gram @ v
-        lam = torch.dot(v, u)
-        norm = torch.linalg.vector_norm(u)
-        if float(norm) == 0.0:
-            return 1.0
-        v = u / norm
-    return float(lam) * safety
+    with matmul_precision():
+        for _ in range(iters):
+            u = gram @ v
+            lam = torch.dot(v, u)
+            v = u / torch.linalg.vector_norm(u)
+    value = float(lam)
+    if not (value > 0.0 and math.isfinite(value)):
+        return 1.0
+    return value * safety

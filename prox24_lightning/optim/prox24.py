@@ -6,14 +6,24 @@ One call of :meth:`Prox24.step` is one iteration and costs one GEMM ``W H̃``:
 
 * proximal phase, ``lambda_k = lambda0 * beta^k``::
 
-      W <- prox_{(lambda_k / L) r}(W - (W H̃ - Ŵ̃ H̃) / L)
+      W <- prox_{(lambda_k / L) r}(W - (W - Ŵ̃) H̃ / L)
 
   until every group of 4 has at most two non-zeros; then the support is frozen as the mask ``M``
   (groups with fewer than two non-zeros are filled with their largest entries of ``|Ŵ̃|``);
 * refinement phase on the local loss with ``M`` fixed (paper's equation 5), either plain masked
-  gradient steps ``W <- W - M ⊙ (W H̃ - Ŵ̃ H̃) / L`` (``refine="gd"``, the paper's recipe) or
+  gradient steps ``W <- W - M ⊙ (W - Ŵ̃) H̃ / L`` (``refine="gd"``, the paper's recipe) or
   conjugate gradients on the fixed support (``refine="cg"``, same limit: the per-row
   least-squares refit, reached in far fewer GEMMs).
+
+**GPU grade.** A prox iteration is one call of the pure
+:func:`~prox24_lightning.optim.functional.prox_phase_step`, with lambda and the counters as 0-d
+tensors on the device; on CUDA it runs under ``torch.compile(fullgraph=True)`` by default
+(``compile``). The host reads the counters back every ``check_every`` iterations (1 on a CPU,
+where a read costs nothing, 10 elsewhere); the function stops changing anything once the phase
+has ended, so the switch iteration, the mask and every later result are the same for every
+``check_every``. Gradients are ``(W - Ŵ̃) H̃``, one GEMM without cancellation. Refinement always
+runs in IEEE fp32 (:func:`~prox24_lightning.ops.precision.matmul_precision`); the prox phase may
+use TF32 (``prox_tf32``).
 
 The large per-layer tensors live in the :class:`LocalProblem`, never in ``optimizer.state``, so
 Lightning checkpoints hold only a few scalars per layer.
@@ -24,6 +34,7 @@ Reference: Kübler et al., "A Proximal Operator for Inducing 2:4-Sparsity", TMLR
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,7 +43,14 @@ import torch
 from torch import Tensor
 
 from ..ops.masks import apply_mask, mask_2of4
-from ..ops.prox import group_view, prox_2of4
+from ..ops.precision import matmul_precision
+from .functional import (
+    SETTINGS,
+    ProxPhaseConstants,
+    ProxPhaseState,
+    compiled_prox_phase_step,
+    prox_phase_step,
+)
 
 __all__ = ["LocalProblem", "Prox24"]
 
@@ -55,21 +73,26 @@ class LocalProblem:
     target: Tensor
     lipschitz: float
     mask: Tensor | None = None
-    target_gram: Tensor = field(init=False)
     # Conjugate-gradient state (residual, direction, squared residual norms per row).
     cg: dict[str, Tensor] = field(default_factory=dict, init=False)
     # Previous prox iterate, for momentum.
     previous: Tensor | None = field(default=None, init=False)
 
-    def __post_init__(self) -> None:
-        # Ŵ̃ H̃ once, so each iteration's gradient (W - Ŵ̃) H̃ = W H̃ - Ŵ̃ H̃ costs one GEMM.
-        # fp32 even when built or evaluated under autocast (which would run these GEMMs in bf16).
-        with _no_autocast(self.target.device.type):
-            self.target_gram = self.target @ self.gram
+    @property
+    def target_gram(self) -> Tensor:
+        """``Ŵ̃ H̃`` (fp32), computed on demand: the iterations do not use it (see
+        :meth:`gradient`), so no weight-sized buffer is kept for it."""
+        with _no_autocast(self.target.device.type), matmul_precision():
+            return self.target @ self.gram
 
     def gradient(self, w: Tensor) -> Tensor:
-        with _no_autocast(w.device.type):
-            return w @ self.gram - self.target_gram
+        """``(W - Ŵ̃) H̃``: one GEMM in IEEE fp32 (also under autocast or a TF32 setting).
+
+        ``W H̃ - Ŵ̃ H̃`` would cost the same but cancels: near the optimum both products are
+        large and nearly equal (issue 12: 2.1e-4 against 4.1e-5 relative refit error in fp32).
+        """
+        with _no_autocast(w.device.type), matmul_precision():
+            return (w - self.target) @ self.gram
 
     def loss(self, w: Tensor, grad: Tensor | None = None) -> float:
         """``tr((W - Ŵ̃) H̃ (W - Ŵ̃)^T)``; free when the gradient is at hand."""
@@ -97,6 +120,8 @@ def _check_hparams(h: dict) -> None:
         raise ValueError(f"refine must be 'gd' or 'cg', got {h['refine']!r}")
     if h["refine_steps"] < 0:
         raise ValueError(f"refine_steps must be >= 0, got {h['refine_steps']}")
+    if h["check_every"] is not None and int(h["check_every"]) < 1:
+        raise ValueError(f"check_every must be >= 1 (or None), got {h['check_every']}")
 
 
 class Prox24(torch.optim.Optimizer):
@@ -126,7 +151,18 @@ class Prox24(torch.optim.Optimizer):
             the groups are 2:4: the mask is mostly decided and the last groups only need lambda
             to grow past their threshold.
         tail_from: fraction of 2:4 groups where ``beta_tail`` takes over.
+        check_every: prox iterations between host reads of the 2:4 fraction (the switch test,
+            progress and trace); ``None``: 1 on a CPU (a read is free there, and the progress
+            and trace keep their per-iteration resolution), 10 on other devices. The results do
+            not depend on it: the iteration is the identity once the phase has ended.
+        compile: run the prox iteration under ``torch.compile(fullgraph=True)``; ``None``: on
+            CUDA only. A compilation failure warns and falls back to eager.
+        prox_tf32: let the prox phase's GEMM use TF32 (off: every product is IEEE fp32, whatever
+            the global matmul precision; refinement is always fp32).
     """
+
+    #: ``torch.compile`` backend of the prox phase (``"eager"`` traces without code generation).
+    compile_backend: str = "inductor"
 
     #: name of the placeholder group that keeps the optimizer valid without layers (torch
     #: optimizers refuse an empty parameter list).
@@ -144,6 +180,9 @@ class Prox24(torch.optim.Optimizer):
         switch_at: float = 1.0,
         beta_tail: float | None = None,
         tail_from: float = 0.9,
+        check_every: int | None = None,
+        compile: bool | None = None,
+        prox_tf32: bool = False,
     ) -> None:
         defaults = dict(
             lambda0=lambda0,
@@ -155,6 +194,9 @@ class Prox24(torch.optim.Optimizer):
             switch_at=switch_at,
             beta_tail=beta_tail,
             tail_from=tail_from,
+            check_every=check_every,
+            compile=compile,
+            prox_tf32=prox_tf32,
             name=None,
         )
         _check_hparams(defaults)
@@ -162,6 +204,11 @@ class Prox24(torch.optim.Optimizer):
         #: layer name -> its local problem (the large per-layer tensors live here, never in
         #: ``self.state``, so Lightning checkpoints hold only a few scalars per layer).
         self.problems: dict[str, LocalProblem] = {}
+        #: layer name -> its prox-phase counters on the device (the host copy in ``self.state``
+        #: is refreshed every ``check_every`` iterations, by :meth:`sync` and before
+        #: :meth:`state_dict`).
+        self._device: dict[str, _DeviceProx] = {}
+        self._compile_failed = False
 
     # -- layers ----------------------------------------------------------------------------------
     def add_layer(
@@ -192,6 +239,7 @@ class Prox24(torch.optim.Optimizer):
         work = (problem.target if weight is None else weight).detach().clone()
         self.add_param_group({"params": [work], **hparams, "name": name})
         self.problems[name] = problem
+        self._device.pop(name, None)
         self._state(work)
         if mask is not None:
             self.start_refinement(work, problem, mask)
@@ -204,6 +252,7 @@ class Prox24(torch.optim.Optimizer):
             self.state.pop(p, None)
         self.param_groups[:] = [g for g in self.param_groups if g is not group]
         self.problems.pop(name, None)
+        self._device.pop(name, None)
 
     @property
     def layers(self) -> list[str]:
@@ -215,7 +264,11 @@ class Prox24(torch.optim.Optimizer):
         return self._group(name)["params"][0]
 
     def layer_state(self, name: str) -> dict:
-        """The scalar state of layer ``name`` (phase, steps, lambda, 2:4 fraction, ...)."""
+        """The scalar state of layer ``name`` (phase, steps, lambda, 2:4 fraction, ...).
+
+        In the prox phase this is the host copy, at most ``check_every - 1`` iterations behind
+        the device; :meth:`sync` brings it up to date.
+        """
         return self._state(self.weight(name))
 
     def _group(self, name: str) -> dict:
@@ -256,6 +309,20 @@ class Prox24(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for p, phase in phases.items():
             self.state[p]["phase"] = phase
+        # The device counters restart from the loaded host state.
+        self._device.clear()
+
+    def state_dict(self) -> dict:
+        """As :meth:`torch.optim.Optimizer.state_dict`, after :meth:`sync` (exact counters)."""
+        self.sync()
+        return super().state_dict()
+
+    def sync(self) -> None:
+        """Read every layer's prox-phase counters back to the host now (one read per layer),
+        ending the phase of layers whose device state says it has ended."""
+        for group in self.param_groups:
+            if group["name"] in self._device:
+                self._sync(group["params"][0], group, self.problems[group["name"]])
 
     def phase(self, name: str) -> str:
         """``"prox"``, ``"refine"`` or ``"done"``."""
@@ -305,41 +372,85 @@ class Prox24(torch.optim.Optimizer):
             raise TypeError(f"Prox24 works on fp32/fp64 weights, got {p.dtype}")
         if st["phase"] == "done":
             return
-        inv_l = 1.0 / problem.lipschitz
         if st["phase"] == "prox":
-            k = st["prox_steps"]
-            beta_tail = group.get("beta_tail")
-            if beta_tail and st.get("tail_step", -1) < 0 and st["frac_2of4"] >= group["tail_from"]:
-                st["tail_step"], st["tail_lam"] = k, group["lambda0"] * group["beta"] ** k
-            if beta_tail and st.get("tail_step", -1) >= 0:
-                lam = st["tail_lam"] * beta_tail ** (k - st["tail_step"])
-            else:
-                lam = group["lambda0"] * group["beta"] ** k
-            point = p
-            if group["momentum"] > 0:
-                if problem.previous is not None:
-                    point = p + group["momentum"] * (p - problem.previous)
-                problem.previous = p.clone()
-            grad = problem.gradient(point)
-            p.copy_(prox_2of4(point - inv_l * grad, lam * inv_l))
-            st["prox_steps"] += 1
-            st["lam"] = lam
-            nnz = (group_view(p) != 0).sum(-1)
-            st["frac_2of4"] = float((nnz <= 2).float().mean())
-            switch_at = group.get("switch_at", 1.0)
-            if st["frac_2of4"] >= switch_at or st["prox_steps"] >= group["max_prox_steps"]:
-                st["forced"] = int(st["frac_2of4"] < 1.0)
-                self._freeze_support(p, group, problem)
+            self._prox_iteration(p, group, problem)
             return
-        if group["refine"] == "cg":
-            self._cg_step(p, problem)
-        else:
-            grad = problem.gradient(p)
-            p.copy_(apply_mask(p - inv_l * grad, problem.mask))
+        # Refinement is a least-squares solve: IEEE fp32 whatever the global setting.
+        with matmul_precision():
+            if group["refine"] == "cg":
+                self._cg_step(p, problem)
+            else:
+                grad = problem.gradient(p)
+                p.copy_(apply_mask(p - (1.0 / problem.lipschitz) * grad, problem.mask))
         st["refine_done"] += 1
         if st["refine_done"] >= group["refine_steps"]:
             st["phase"] = "done"
             problem.cg.clear()
+
+    def _prox_iteration(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
+        """One call of :func:`prox_phase_step`; the host looks every ``check_every`` calls."""
+        st = self._state(p)
+        dev = self._device.get(group["name"])
+        if dev is None:
+            dev = self._device[group["name"]] = _DeviceProx.start(p, group, problem, st)
+        momentum = group["momentum"] > 0
+        if momentum and problem.previous is None:
+            # Before the first iteration Y = W_k (W_k - W_{k-1} taken as zero).
+            problem.previous = p.clone()
+        previous = problem.previous if momentum else p
+        args = (p, previous, problem.target, problem.gram, dev.state, dev.const)
+        fn = self._step_fn(p, group)
+        # Eagerly, only the configured work; compiled, one general graph for every layer (a
+        # momentum of 0 and an unreachable tail reduce it to the plain iteration).
+        general = fn is not prox_phase_step
+        kwargs = dict(momentum=momentum or general, tail=bool(group.get("beta_tail")) or general)
+        with matmul_precision(tf32=bool(group.get("prox_tf32", False))):
+            w, prev, dev.state = fn(*args, **kwargs)
+        p.copy_(w)
+        if momentum:
+            problem.previous = prev
+        dev.pending += 1
+        if dev.pending >= dev.check_every or st["prox_steps"] + dev.pending >= dev.max_steps:
+            self._sync(p, group, problem)
+
+    def _step_fn(self, p: Tensor, group: dict) -> Callable[..., tuple]:
+        use = group.get("compile")
+        if use is None:
+            use = p.device.type == "cuda"
+        if not use or self._compile_failed:
+            return prox_phase_step
+        compiled = compiled_prox_phase_step(self.compile_backend)
+
+        def guarded(*args: object, **kwargs: object) -> tuple:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:  # compile errors surface at the first call
+                # The function is pure: running it again eagerly is safe.
+                warnings.warn(
+                    f"torch.compile of the prox phase failed ({type(err).__name__}: {err}); "
+                    "running it eagerly (set compile=False to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._compile_failed = True
+                return prox_phase_step(*args, **kwargs)
+
+        return guarded
+
+    def _sync(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
+        """Copy the device counters to the host state; freeze the support if the phase ended."""
+        dev = self._device.get(group["name"])
+        if dev is None:
+            return
+        values = dev.state.values()
+        st = self._state(p)
+        st["prox_steps"], st["lam"], st["frac_2of4"] = int(values[0]), values[1], values[2]
+        st["tail_step"], st["tail_lam"] = int(values[3]), values[4]
+        dev.pending = 0
+        if values[5]:
+            st["forced"] = int(st["frac_2of4"] < 1.0)
+            del self._device[group["name"]]
+            self._freeze_support(p, group, problem)
 
     def _freeze_support(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
         st = self._state(p)
@@ -384,3 +495,34 @@ class Prox24(torch.optim.Optimizer):
         cg["rr"] = rr_new
         # Keep pruned entries exactly +0.0 (rounding in add_ could leave -0.0 otherwise).
         p.copy_(apply_mask(p, mask))
+
+
+@dataclass
+class _DeviceProx:
+    """One layer's prox-phase counters and settings on its device, and the host's bookkeeping."""
+
+    state: ProxPhaseState
+    const: ProxPhaseConstants
+    check_every: int
+    max_steps: int
+    #: iterations run since the host last read ``state``.
+    pending: int = 0
+
+    @classmethod
+    def start(cls, p: Tensor, group: dict, problem: LocalProblem, st: dict) -> _DeviceProx:
+        """From the host state (a fresh layer or one resumed from a checkpoint)."""
+        check_every = group.get("check_every")
+        if check_every is None:
+            check_every = 1 if p.device.type == "cpu" else 10
+        const = ProxPhaseConstants.create(
+            p.device, lipschitz=problem.lipschitz, **{k: group[k] for k in SETTINGS}
+        )
+        state = ProxPhaseState.create(
+            p.device,
+            step=st["prox_steps"],
+            lam=st["lam"],
+            frac=st["frac_2of4"],
+            tail_step=st.get("tail_step", -1),
+            tail_lam=st.get("tail_lam", 0.0),
+        )
+        return cls(state, const, int(check_every), int(group["max_prox_steps"]))

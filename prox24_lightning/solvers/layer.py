@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops.gram import lipschitz, normalize
+from ..ops.gram import lipschitz, normalize, token_scale
 from ..ops.masks import apply_mask, is_2of4
+from ..ops.precision import matmul_precision
 from ..optim.prox24 import LocalProblem, Prox24
 from .methods import METHODS, RECIPES, MethodConfig, ProxConfig, get_method, make_config
 
@@ -122,6 +123,9 @@ def optimizer_hparams(config: MethodConfig, refine_steps: int, rms: float | None
             switch_at=config.switch_at,
             beta_tail=config.beta_tail,
             tail_from=config.tail_from,
+            check_every=config.check_every,
+            compile=config.compile,
+            prox_tf32=config.prox_tf32,
         )
     return hparams
 
@@ -141,6 +145,10 @@ class LayerSolve:
             :func:`~prox24_lightning.solvers.methods.make_config`.
         trace: record the prox phase's ``[step, lambda, frac_2of4]`` rows in
             ``stats.extra["trace"]`` (a few dozen rows; see :data:`TRACE_DFRAC`).
+        n_tokens: the number of calibration tokens summed in ``gram``. The problem is then
+            solved on ``gram * REFERENCE_TOKENS / n_tokens`` (the paper's 2^21 tokens), so that
+            a lambda means the same at any calibration size (``ProxConfig``); losses in the
+            stats stay in the units of ``gram``. ``None``: ``gram`` is used as given.
     """
 
     def __init__(
@@ -151,6 +159,7 @@ class LayerSolve:
         config: MethodConfig | dict[str, Any] | None = None,
         *,
         trace: bool = True,
+        n_tokens: int | None = None,
     ) -> None:
         self.method_class = get_method(method)
         check_layer_inputs(weight, gram)
@@ -162,8 +171,13 @@ class LayerSolve:
         steps = self.method_class.refine_steps(config)
         self.stats = PruneStats(method=method, refine_steps=steps)
         device = weight.device
-        with torch.autocast(device_type=device.type, enabled=False):
+        #: Gram units -> solver units (losses are divided by it again for the stats).
+        self.token_scale = token_scale(n_tokens)
+        # IEEE fp32 products (SparseGPT, ALPS, ...) whatever the global matmul precision.
+        with torch.autocast(device_type=device.type, enabled=False), matmul_precision():
             h = gram.detach().to(device=device, dtype=torch.float32)
+            if self.token_scale != 1.0:
+                h = h * self.token_scale
             self.norm = normalize(h)
             target = self.norm.to_normalized(weight.detach().to(torch.float32))
             self.problem = LocalProblem(
@@ -231,9 +245,9 @@ class LayerSolve:
         self.stats.iterations_to_2of4 = st["prox_steps"]
         self.stats.final_lambda = st["lam"]
         self.stats.forced_2of4 = bool(st["forced"])
-        self.stats.loss_method = self.problem.loss(self.work)
-        self.stats.loss_mask_only = self.problem.loss(
-            apply_mask(self.problem.target, self.problem.mask)
+        self.stats.loss_method = self.problem.loss(self.work) / self.token_scale
+        self.stats.loss_mask_only = (
+            self.problem.loss(apply_mask(self.problem.target, self.problem.mask)) / self.token_scale
         )
         self._method_done = True
 
@@ -247,7 +261,7 @@ class LayerSolve:
         mask = self.problem.mask
         assert mask is not None
         with torch.autocast(device_type=self.work.device.type, enabled=False):
-            self.stats.loss_final = self.problem.loss(self.work)
+            self.stats.loss_final = self.problem.loss(self.work) / self.token_scale
             final = apply_mask(self.norm.from_normalized(self.work), mask).to(self.dtype)
             # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
             final = apply_mask(final, mask)
@@ -283,6 +297,7 @@ def prune_weight(
     config: MethodConfig | dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_every: int = 50,
+    n_tokens: int | None = None,
     **hparams: Any,
 ) -> PruneResult:
     """Prune one linear layer to 2:4 on its local squared loss ``tr((W-Ŵ)H(W-Ŵ)ᵀ)``.
@@ -298,6 +313,8 @@ def prune_weight(
             "fast"}``); ``hparams`` override its fields (``lambda0``, ``beta``, ``refine``, ...).
         progress: optional callback receiving ``{"phase", "iteration", "lambda", "frac_2of4"}``.
         progress_every: call ``progress`` every this many iterations.
+        n_tokens: calibration tokens summed in ``gram`` (see :class:`LayerSolve`): with it, an
+            absolute ``lambda0`` is in the units of the paper's 2^21 tokens at any token count.
 
     Returns:
         :class:`PruneResult` with ``.weight``, ``.mask`` and ``.stats``.
@@ -305,7 +322,7 @@ def prune_weight(
     if refine_steps is not None:
         hparams["refine_steps"] = refine_steps
     cfg = make_config(method, config, **hparams)
-    solve = LayerSolve(weight, gram, method, cfg)
+    solve = LayerSolve(weight, gram, method, cfg, n_tokens=n_tokens)
     optimizer = Prox24()
     solve.attach(optimizer, "layer")
     it = 0

@@ -205,9 +205,28 @@ class ADMMConfig(MethodConfig):
 class ProxConfig(MethodConfig):
     """The proximal 2:4 pruner of Kübler et al. (all in the normalised coordinates).
 
+    **Token count.** ``H = sum_t x_t x_t^T`` grows with the ``N`` calibration tokens and the
+    normalised weights ``W̃ = W diag(H)^½`` with ``sqrt(N)`` (``H̃`` does not change). ``r`` is
+    cubic, so ``prox_{lam r}(c z) = c prox_{lam c r}(z)``: on weights scaled by ``c`` a lambda
+    acts like ``c lambda`` on the unscaled ones. Given the token count (``LayerSolve(...,
+    n_tokens=N)``, ``prune_weight(..., n_tokens=N)``), the solver works on
+    ``H_ref = (N_ref / N) H`` with ``N_ref = 2^21 = 1024 x 2048`` tokens (the paper's
+    calibration set, ``ops.gram.REFERENCE_TOKENS``), whose ``W̃`` is the same at any ``N``.
+    So an **absolute** ``lambda0`` is in the units of a Gram summed over the paper's 2M tokens:
+    ``lambda0 = 0.01`` means at every ``N`` what 0.01 meant at 2^21 tokens, and runs at exactly
+    2^21 tokens are bit-identical to the unscaled solve. In other units: on the raw ``H`` of
+    ``N`` tokens it is ``0.01 sqrt(2^21 / N)`` (0.16 at the demo's 8192 tokens); on the mean
+    ``H / N`` it is ``0.01 sqrt(2^21) = 14.48`` (``W̃`` shrinks by ``sqrt(N)``, so lambda grows
+    by it). ``rms`` is independent of ``N`` by construction (``lambda0 / rms(W̃)``: the scale
+    cancels), so the ``fast`` recipe means the same with or without the count. Without a count
+    the Gram is taken as given (as if summed over 2^21 tokens). Losses are always reported in
+    the units of the given Gram, lambdas (``final_lambda``, the trace) in those of ``lambda0``.
+    (paper.md §2.1 notes that the paper's convention, sum or mean, is not confirmed; a sum is
+    assumed here, under which 0.01 at 2M tokens reproduces the paper's schedule.)
+
     Attributes:
         lambda0: first lambda of the schedule ``lambda_k = lambda0 beta^k`` (paper: 0.01; 1e-3
-            for 70B).
+            for 70B), in the units above.
         lambda_scale: ``absolute`` uses ``lambda0`` as given (the paper); ``rms`` divides it by
             the RMS of the layer's normalised weights. ``r`` is cubic, so ``prox_{c lam r}(c z) =
             c prox_{lam c r}(z)``: only ``lambda * scale`` matters, and with ``rms`` every layer
@@ -220,6 +239,11 @@ class ProxConfig(MethodConfig):
             (1.0 = the paper).
         beta_tail: lambda growth once ``tail_from`` of the groups are 2:4 (None = ``beta``).
         tail_from: where ``beta_tail`` takes over, in ``(0, 1]``.
+        check_every: prox iterations between host reads of the 2:4 fraction (``None``: 1 on a
+            CPU, 10 on a GPU); results do not depend on it (see ``Prox24``).
+        compile: run the prox iteration under ``torch.compile(fullgraph=True)`` (``None``: on
+            CUDA only).
+        prox_tf32: allow TF32 in the prox phase's GEMM (refinement and Grams stay IEEE fp32).
     """
 
     lambda0: float = 0.01
@@ -230,6 +254,9 @@ class ProxConfig(MethodConfig):
     switch_at: float = 1.0
     beta_tail: float | None = None
     tail_from: float = 0.9
+    check_every: int | None = None
+    compile: bool | None = None
+    prox_tf32: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -252,6 +279,8 @@ class ProxConfig(MethodConfig):
             value = getattr(self, key)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"solver.{key} must be in (0, 1], got {value}")
+        if self.check_every is not None and int(self.check_every) < 1:
+            raise ValueError(f"solver.check_every must be >= 1 (or null), got {self.check_every}")
 
 
 class PruningMethod:
