@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from itertools import islice
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -62,7 +61,6 @@ from .pipeline import (
     restore_pruned_weights,
     run_fingerprint,
 )
-from .pipeline.shards import read_shard, shard_path, write_shard
 from .solvers import METHODS, MethodConfig, PruneResult, make_config
 
 __all__ = ["BlockwisePruner"]
@@ -328,7 +326,8 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         ]
         transposed = {n for n in results if is_conv1d(stage.layers[n])}
         self.prune_state.record(k, results, stage.tokens, transposed)
-        self._write_shard(k, stage, results)
+        if self.trainer.is_global_zero:
+            self.prune_state.write_shard(k, stage.layers, self.trainer.default_root_dir)
         self._close_stage()
         for listener in self.block_pruned_listeners:
             listener(k, results)
@@ -419,16 +418,6 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
             settings, self.lm, trainer.world_size, str(trainer.precision), calibration, batch
         )
 
-    def _write_shard(self, k: int, stage: BlockStage, results: dict[str, PruneResult]) -> None:
-        """Block ``k``'s weights, masks and report rows, once (rank 0; the folder is shared)."""
-        state = self.prune_state
-        state.shard_dir = state.shard_dir or str(Path(self.trainer.default_root_dir) / "blocks")
-        if self.trainer.is_global_zero:
-            weights = {f"{n}.weight": stage.layers[n].weight for n in results}
-            masks = {n: state.masks[n] for n in results}
-            rows = {n: state.report[n] for n in results}
-            state.shards[k] = write_shard(state.shard_dir, k, weights, masks, rows)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prox24"] = self.prune_state.to_checkpoint(self.fingerprint())
         # The model is not saved: a resume reloads it and applies the block shards.
@@ -446,22 +435,9 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
             compare_fingerprints(saved, self.fingerprint(), where)
         self.prune_state.load_checkpoint(state)
         self.selector.skipped = self.prune_state.skipped
-        world_size = self._trainer.world_size if self._trainer is not None else 1
-        if len(self.solves_per_rank) == world_size:
+        if len(self.solves_per_rank) == self.trainer.world_size:
             self._local_solves = self.solves_per_rank[self.global_rank]
-        self._apply_shards()
+        root = self.trainer.default_root_dir
+        self.prune_state.apply_shards(root, self.lm, self.offloaded, self.check_masks)
         restore_pruned_weights(checkpoint, None, self.lm, self.offloaded)
         rank_zero_info(f"resuming after {len(self.report)} pruned layers")
-
-    def _apply_shards(self) -> None:
-        """Each pruned block's shard (SHA-256 checked) into the model, the masks and report."""
-        state = self.prune_state
-        # The run folder is the unit: its own blocks/ first (a copied or moved run resumes from
-        # its copy), the recorded folder otherwise.
-        here = Path(self.trainer.default_root_dir) / "blocks"
-        folder = state.shard_dir = str(here) if here.is_dir() else state.shard_dir or str(here)
-        for k in sorted(state.pruned_blocks):
-            weights, masks, rows = read_shard(folder, k, state.shards.get(k))
-            restore_pruned_weights({}, weights, self.lm, self.offloaded, in_place=True)
-            state.apply_shard(masks, rows)
-            self.check_masks(masks, f"block shard {shard_path(folder, k)}")

@@ -10,7 +10,9 @@ configuration. Plain Python and PyTorch.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from ..models import OffloadedModel
 from ..ops.masks import is_2of4
 from ..solvers import PruneResult
+from .shards import read_shard, shard_path, write_shard
 
 __all__ = [
     "PruneState",
@@ -100,10 +103,37 @@ class PruneState:
         self.skipped = dict(state.get("skipped", {}))
         self.solves_per_rank = list(state.get("solves_per_rank", []))
 
-    def apply_shard(self, masks: dict[str, Tensor], report: dict[str, dict[str, Any]]) -> None:
-        """Restore one block's masks and report rows from its shard."""
-        self.masks.update(masks)
-        self.report.update(report)
+    def write_shard(self, block: int, layers: dict[str, nn.Module], run_dir: str | Path) -> None:
+        """Block ``block``'s new weights, masks and report rows into its shard, once (call on
+        one process: the run folder is shared); the SHA-256 goes into the checkpoint."""
+        self.shard_dir = self.shard_dir or str(Path(run_dir) / "blocks")
+        names = [n for n in layers if n in self.report and self.report[n]["block"] == block]
+        weights = {f"{n}.weight": layers[n].weight for n in names}
+        masks = {n: self.masks[n] for n in names}
+        rows = {n: self.report[n] for n in names}
+        self.shards[block] = write_shard(self.shard_dir, block, weights, masks, rows)
+
+    def apply_shards(
+        self,
+        run_dir: str | Path,
+        model: nn.Module | None,
+        offloaded: OffloadedModel | None,
+        check: Callable[[dict[str, Tensor], str], None],
+    ) -> None:
+        """After :meth:`load_checkpoint`: each pruned block's shard (SHA-256 checked) into the
+        model (the CPU store with offload), the masks (``check``-ed) and the report.
+
+        The run folder is the unit: its own ``blocks/`` first (a copied or moved run resumes
+        from its copy), the recorded folder otherwise.
+        """
+        here = Path(run_dir) / "blocks"
+        folder = self.shard_dir = str(here) if here.is_dir() else self.shard_dir or str(here)
+        for k in sorted(self.pruned_blocks):
+            weights, masks, rows = read_shard(folder, k, self.shards.get(k))
+            restore_pruned_weights({}, weights, model, offloaded, in_place=True)
+            self.masks.update(masks)
+            self.report.update(rows)
+            check(masks, f"block shard {shard_path(folder, k)}")
 
 
 def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:

@@ -57,6 +57,7 @@ class PruneStats:
     iterations_to_2of4: int = 0
     final_lambda: float = 0.0
     forced_2of4: bool = False
+    capped: bool = False  # the prox phase hit max_prox_steps (forced to 2:4 by the cap)
     loss_method: float = 0.0  # after the method, before refinement
     loss_final: float = 0.0
     loss_mask_only: float = 0.0  # dense weights under the final mask, no update (reference)
@@ -245,6 +246,8 @@ class LayerSolve:
         self.stats.iterations_to_2of4 = st["prox_steps"]
         self.stats.final_lambda = st["lam"]
         self.stats.forced_2of4 = bool(st["forced"])
+        cap = getattr(self.config, "max_prox_steps", None)
+        self.stats.capped = cap is not None and st["prox_steps"] >= cap
         self.stats.loss_method = self.problem.loss(self.work) / self.token_scale
         self.stats.loss_mask_only = (
             self.problem.loss(apply_mask(self.problem.target, self.problem.mask)) / self.token_scale
