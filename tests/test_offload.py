@@ -14,6 +14,7 @@ CPU store after fit and is outside the measured steps.
 
 from __future__ import annotations
 
+import gc
 import weakref
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,7 @@ class SolveWatcher(L.Callback):
         self.steps: list[tuple[int, int, int, int]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        gc.collect()  # count what is still referenced, not what awaits the cycle collector
         collector = pl_module._stage.collector if pl_module._stage is not None else None
         groups = len(optimizer.param_groups) - 1  # minus the idle group
         grams = len(collector.grams) if collector is not None else 0
