@@ -5,6 +5,7 @@
         --trainer.default_root_dir OUT               # prune your own model, nothing else needed
     prox24 validate --config configs/demo.yaml        # the same model, unpruned
     prox24 check outputs/demo/export                  # verify an export is exactly 2:4
+    prox24 plan --config configs/llama2-70b.yaml      # accelerator memory, host RAM, disk
 
 A pruning run keeps everything under ``trainer.default_root_dir``: ``masks/``, ``checkpoints/``
 (``last.ckpt`` after every block), ``export/`` and ``logs/``; the mask, block-checkpoint and
@@ -275,8 +276,8 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
         args=args,
         parser_kwargs={
             "description": "2:4 pruning of causal LMs (Kübler et al., TMLR 2025). Subcommands: "
-            "fit (prune), validate (perplexity), test, and `prox24 check EXPORT_DIR` (verify "
-            "an export)."
+            "fit (prune), validate (perplexity), test, `prox24 check EXPORT_DIR` (verify an "
+            "export) and `prox24 plan --config X` (memory and disk a run needs)."
         },
         **kwargs,
     )
