@@ -7,11 +7,14 @@ gradient, 1000 masked-gradient steps) and ``RECIPES["fast"]`` (momentum in the p
 quicker schedule, conjugate-gradient refinement), and prints per layer: seconds, GEMMs, local loss,
 and the time ratio. Baselines (Wanda+CG, SparseGPT+CG) are printed for reference; ``--methods alps
 admm`` adds those methods alone and with 50 CG steps ("+cg"), ``--no-prox`` skips the two prox
-recipes, and with SparseGPT+CG in the run every variant's summed local loss is also given relative
-to it (= 1.000). ``--grams FILE`` keeps the captured weights and Grams (captured once, then read).
+recipes, ``--recipes best`` adds prox with those entries of ``RECIPES`` ("prox best"), and with
+SparseGPT+CG in the run every variant's summed local loss is also given relative to it (= 1.000).
+``--grams FILE`` keeps the captured weights and Grams (captured once, then read).
 
     python tools/bench_solver.py --blocks 0 15 29 --json outputs/bench_solver.json
     python tools/bench_solver.py --blocks 0 15 29 --baselines --methods alps admm --no-prox
+    python tools/bench_solver.py --blocks 0 15 29 --baselines --methods alps --no-prox \
+        --recipes fast best --grams outputs/grams.pt
 """
 
 from __future__ import annotations
@@ -189,6 +192,13 @@ def main() -> None:
         help="also run these methods alone and with 50 CG steps (+cg)",
     )
     ap.add_argument("--no-prox", action="store_true", help="skip the prox paper and fast recipes")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        default=[],
+        choices=list(RECIPES),
+        help="also run prox with these recipes ('prox NAME')",
+    )
     ap.add_argument("--grams", type=Path, default=None, help="cache file of the captured layers")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -200,6 +210,8 @@ def main() -> None:
             "prox paper": ("prox", RECIPES["paper"]),
             "prox fast": ("prox", RECIPES["fast"]),
         }
+    for name in args.recipes:
+        variants.setdefault(f"prox {name}", ("prox", RECIPES[name]))
     cg = MethodConfig(refine="cg", refine_steps=50)
     if args.baselines:
         variants |= {"wanda+cg": ("wanda", cg), "sparsegpt+cg": ("sparsegpt", cg)}

@@ -22,6 +22,7 @@ from ..ops.gram import lipschitz, normalize, token_scale
 from ..ops.masks import apply_mask, is_2of4
 from ..ops.precision import matmul_precision
 from ..optim.prox24 import LocalProblem, Prox24
+from .mask_search import mask_search
 from .methods import METHODS, RECIPES, MethodConfig, ProxConfig, get_method, make_config
 
 __all__ = [
@@ -243,6 +244,7 @@ class LayerSolve:
     def _record_method(self) -> None:
         st = self._layer_state()
         assert self.problem.mask is not None
+        self._search_mask()
         self.stats.iterations_to_2of4 = st["prox_steps"]
         self.stats.final_lambda = st["lam"]
         self.stats.forced_2of4 = bool(st["forced"])
@@ -253,6 +255,39 @@ class LayerSolve:
             self.problem.loss(apply_mask(self.problem.target, self.problem.mask)) / self.token_scale
         )
         self._method_done = True
+
+    def _search_mask(self) -> None:
+        """``mask_search_rounds > 0`` (prox): improve the method's mask by exact local moves
+        (:func:`~prox24_lightning.solvers.mask_search.mask_search`) before the refinement,
+        which then runs on the new mask from the search's refit. Records
+        ``stats.extra["mask_search"]``."""
+        rounds = int(getattr(self.config, "mask_search_rounds", 0) or 0)
+        if rounds <= 0:
+            return
+        start = time.perf_counter()
+        device = self.work.device.type
+        loss_before = self.problem.loss(self.work) / self.token_scale
+        with torch.autocast(device_type=device, enabled=False), matmul_precision():
+            found = mask_search(
+                self.problem.target,
+                self.problem.gram,
+                self.work,
+                self.problem.mask,
+                rounds=rounds,
+                swaps=self.config.mask_search_swaps,
+                candidates=self.config.mask_search_candidates,
+                dampening=self.config.mask_search_dampening,
+            )
+        self.work.copy_(found.weight)
+        self.problem.mask = found.mask
+        self.problem.cg.clear()
+        self.stats.extra["mask_search"] = {
+            "loss_before": loss_before,
+            "moves": int(found.moves),
+            "rows_kept": int(found.rows_kept),
+            "dampening": found.dampening,
+            "seconds": time.perf_counter() - start,
+        }
 
     def done(self) -> bool:
         return self._layer_state()["phase"] == "done"

@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 RefineMethod = Literal["gd", "cg"]
+#: Warm starts of ``ProxConfig.warm_start``: the one-shot method that replaces the prox phase.
+WARM_STARTS = ("none", "alps", "sparsegpt")
 
 
 @dataclass
@@ -244,6 +246,19 @@ class ProxConfig(MethodConfig):
         compile: run the prox iteration under ``torch.compile(fullgraph=True)`` (``None``: on
             CUDA only).
         prox_tf32: allow TF32 in the prox phase's GEMM (refinement and Grams stay IEEE fp32).
+        warm_start: ``none`` (the prox phase starts from the dense ``Ŵ̃``, the paper) or the
+            one-shot method whose 2:4 weights replace the prox phase: ``alps`` (ALPS with the
+            uniform ridge on ``H̃``, ``alps_dampening_space: normalized``, no PCG: the mask
+            search or the refinement refits) or ``sparsegpt``. The lambda settings are then
+            unused.
+        mask_search_rounds: rounds of the exact local mask search after the method's mask is
+            known (after the prox phase or the warm start, before refinement; 0 = off). Every
+            round scores the five other 2:4 masks of the groups of every row with the exact
+            per-row refit and applies the best set of moves (``solvers/mask_search.py``).
+        mask_search_swaps: at most this many group moves per row and round.
+        mask_search_candidates: groups per row scored exactly each round (``>= swaps``).
+        mask_search_dampening: smallest ridge on the unit diagonal of ``H̃`` for the search's
+            fp32 inverses (raised tenfold until ``H̃ + δI`` is well enough conditioned).
     """
 
     lambda0: float = 0.01
@@ -257,6 +272,11 @@ class ProxConfig(MethodConfig):
     check_every: int | None = None
     compile: bool | None = None
     prox_tf32: bool = False
+    warm_start: Literal["none", "alps", "sparsegpt"] = "none"
+    mask_search_rounds: int = 0
+    mask_search_swaps: int = 16
+    mask_search_candidates: int = 16
+    mask_search_dampening: float = 1e-4
 
     def validate(self) -> None:
         super().validate()
@@ -281,6 +301,26 @@ class ProxConfig(MethodConfig):
                 raise ValueError(f"solver.{key} must be in (0, 1], got {value}")
         if self.check_every is not None and int(self.check_every) < 1:
             raise ValueError(f"solver.check_every must be >= 1 (or null), got {self.check_every}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(
+                f"solver.warm_start must be one of {', '.join(WARM_STARTS)}, got "
+                f"{self.warm_start!r}"
+            )
+        if int(self.mask_search_rounds) < 0:
+            raise ValueError(
+                f"solver.mask_search_rounds must be >= 0, got {self.mask_search_rounds}"
+            )
+        if int(self.mask_search_swaps) < 1:
+            raise ValueError(f"solver.mask_search_swaps must be >= 1, got {self.mask_search_swaps}")
+        if int(self.mask_search_candidates) < int(self.mask_search_swaps):
+            raise ValueError(
+                f"solver.mask_search_candidates ({self.mask_search_candidates}) must be >= "
+                f"solver.mask_search_swaps ({self.mask_search_swaps})"
+            )
+        if not (self.mask_search_dampening > 0 and math.isfinite(self.mask_search_dampening)):
+            raise ValueError(
+                f"solver.mask_search_dampening must be > 0, got {self.mask_search_dampening}"
+            )
 
 
 class PruningMethod:
@@ -406,7 +446,16 @@ class Prox(PruningMethod):
     default_refine_steps = 1000
 
     @classmethod
-    def one_shot(cls, target: Tensor, norm: DiagonalNormalization, config: Any) -> None:
+    def one_shot(
+        cls, target: Tensor, norm: DiagonalNormalization, config: Any
+    ) -> tuple[Tensor, Tensor] | None:
+        """``None`` (the optimizer runs the prox phase from ``Ŵ̃``), or the warm start's 2:4
+        weights (``ProxConfig.warm_start``), which skip the prox phase."""
+        warm = getattr(config, "warm_start", "none")
+        if warm == "alps":
+            return alps_prune(target, norm, dampening_space="normalized", pcg_iterations=0)
+        if warm == "sparsegpt":
+            return sparsegpt_prune(target, norm.gram)
         return None
 
 
@@ -439,6 +488,17 @@ RECIPES: dict[str, ProxConfig] = {
         switch_at=0.999,
         refine="cg",
         refine_steps=50,
+    ),
+    # ALPS's mask (uniform ridge) instead of the prox phase, then the exact local mask search
+    # and a short CG polish on the unridged Gram (tools/bench_solver.py --recipes best).
+    "best": ProxConfig(
+        lambda_scale="rms",
+        warm_start="alps",
+        mask_search_rounds=6,
+        mask_search_swaps=16,
+        mask_search_candidates=16,
+        refine="cg",
+        refine_steps=20,
     ),
 }
 
