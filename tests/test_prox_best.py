@@ -138,16 +138,18 @@ def test_search_descends_exactly_to_a_local_optimum():
                 assert float(loss) >= float(losses[-1][i]) * (1 - 1e-9)
 
 
-def test_search_result_is_its_ridge_refit_and_chunking_does_not_matter():
-    t, h = normalised_layer(3, 64, 12)
+@pytest.mark.parametrize("d_in, swaps", [(64, 4), (128, 2)])
+def test_search_result_is_its_ridge_refit_and_chunking_does_not_matter(d_in, swaps):
+    """(128, 2): the rank updates stay factors for 4 rounds before they are folded into P."""
+    t, h = normalised_layer(3, d_in, 12)
     mask = mask_2of4(t.abs())
     start = refit64(t, h, mask)
-    a = mask_search(t, h, start, mask, rounds=3, swaps=4, candidates=8, polish=0)
-    b = mask_search(t, h, start, mask, rounds=3, swaps=4, candidates=8, polish=0,
-                    max_chunk_bytes=1)  # fmt: skip
+    kw = dict(rounds=6, swaps=swaps, candidates=8, polish=0)
+    a = mask_search(t, h, start, mask, **kw)
+    b = mask_search(t, h, start, mask, max_chunk_bytes=1, **kw)
     assert torch.equal(a.mask, b.mask)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-12)
-    ridge = h + a.dampening * torch.eye(64, dtype=torch.float64)
+    ridge = h + a.dampening * torch.eye(d_in, dtype=torch.float64)
     want = torch.zeros_like(t)
     for i in range(t.shape[0]):
         s = torch.nonzero(a.mask[i]).flatten()

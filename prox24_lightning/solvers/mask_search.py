@@ -187,10 +187,39 @@ def _search_rows(
     hss.diagonal(dim1=1, dim2=2).add_(dampening)
     chol, info = torch.linalg.cholesky_ex(hss)
     del hss
-    p = torch.cholesky_inverse(chol)
+    # P = (H_SS + δI)^{-1} = p0 + fl @ fr: the rank updates of the moves are kept as factors
+    # (a few GEMVs wide) and folded into p0 only once they are as wide as p0 is half (so a
+    # round never rewrites all of P: that pass would cost as much as the round).
+    p0 = torch.cholesky_inverse(chol)
     del chol
+    width = 4 * swaps
+    fold_at = max(width, k // 2)
+    fl_buf = torch.empty(n, k, fold_at, dtype=dt, device=dev)  # only [..., :used] is read
+    frt_buf = torch.empty(n, k, fold_at, dtype=dt, device=dev)  # fr transposed
+    used = 0  # P = p0 + fl_buf[..., :used] @ frt_buf[..., :used]^T
+
+    def p_times(x: Tensor) -> Tensor:  # P x, x: [n, k, c]
+        fl, frt = fl_buf[:, :, :used], frt_buf[:, :, :used]
+        return torch.baddbmm(torch.bmm(p0, x), fl, torch.bmm(frt.transpose(1, 2), x))
+
+    def p_rows(rows: Tensor) -> Tensor:  # P[rows, :]: [n, c, k]
+        fl, frt = fl_buf[:, :, :used], frt_buf[:, :, :used]
+        out = torch.gather(p0, 1, rows[:, :, None].expand(-1, -1, k))
+        fl_r = torch.gather(fl, 1, rows[:, :, None].expand(-1, -1, used))
+        return out.baddbmm_(fl_r, frt.transpose(1, 2))
+
+    def p_take(rows: Tensor, cols: Tensor) -> Tensor:  # P[rows][:, cols]
+        fl, frt = fl_buf[:, :, :used], frt_buf[:, :, :used]
+        fl_r = torch.gather(fl, 1, rows[:, :, None].expand(-1, -1, used))
+        frt_c = torch.gather(frt, 1, cols[:, :, None].expand(-1, -1, used))
+        return _take(p0, rows, cols).baddbmm_(fl_r, frt_c.transpose(1, 2))
+
+    # The 2 x 2 diagonal blocks of P (the screen reads them every round), kept up to date.
+    p_kk = torch.diagonal(p0.view(n, groups, 2, groups, 2), dim1=1, dim2=3)
+    p_kk = p_kk.permute(0, 3, 1, 2).contiguous()
+
     b_s = torch.gather(b, 1, s_idx)
-    w_s = torch.bmm(p, b_s[..., None])[..., 0]
+    w_s = p_times(b_s[..., None])[..., 0]
     scale = tol * (torch.gather(b, 1, s_idx) * w_s).sum(-1).abs().clamp_min(torch.finfo(dt).tiny)
     remove = torch.tensor(_REMOVE, device=dev)
     add = torch.tensor(_ADD, device=dev)
@@ -229,7 +258,6 @@ def _search_rows(
             -2,
         )
         c_approx = -(jkq[..., :, :, None] * sig[..., None, :, :]).sum(-2)
-        p_kk = torch.diagonal(p.view(n, groups, 2, groups, 2), dim1=1, dim2=3).permute(0, 3, 1, 2)
         screen = move_deltas(w_s.view(n, groups, 2), g_q.view(n, groups, 2), p_kk, c_approx, sig)
         cand = torch.topk(-screen.min(-1).values, candidates, dim=-1).indices
         # 2. exact scores of the candidates' moves.
@@ -237,12 +265,12 @@ def _search_rows(
         qc = torch.gather(q_idx, 1, cs)
         hq = h.index_select(0, qc.reshape(-1)).view(n, 2 * candidates, d)
         h_as = torch.gather(hq, 2, s_idx[:, None, :].expand(n, 2 * candidates, k))
-        c_sa = torch.bmm(p, h_as.transpose(1, 2))  # P H_{S,A}: [n, k, 2c]
+        c_sa = p_times(h_as.transpose(1, 2))  # P H_{S,A}: [n, k, 2c]
         c_ka = torch.gather(c_sa, 1, cs[:, :, None].expand(-1, -1, 2 * candidates))
         s_aa = torch.gather(hq, 2, qc[:, None, :].expand(n, 2 * candidates, 2 * candidates))
         s_aa = s_aa - torch.bmm(h_as, c_sa)
         s_aa.diagonal(dim1=1, dim2=2).add_(dampening)
-        p_cc = _take(p, cs, cs)
+        p_cc = p_take(cs, cs)
         w_c = torch.gather(w_s, 1, cs)
         g_c = torch.gather(g_q, 1, cs)
         exact = move_deltas(
@@ -295,7 +323,7 @@ def _search_rows(
         tm = take.to(dt)
         r_slot = torch.gather(cs, 1, r_loc)
         a_slot = torch.gather(cs, 1, a_loc)
-        p_rs = torch.gather(p, 1, r_slot[:, :, None].expand(-1, -1, k)) * tm[:, :, None]
+        p_rs = p_rows(r_slot) * tm[:, :, None]
         x = torch.bmm(p_rr_inv, p_rs)  # P_RR^{-1} P_{R,:}
         v = torch.gather(c_sa, 2, a_loc[:, None, :].expand(-1, k, -1))
         v = (v - torch.bmm(p_rs.transpose(1, 2), y)) * tm[:, None, :]  # P_minus H_{S,A}
@@ -317,19 +345,28 @@ def _search_rows(
                 + torch.bmm(left, torch.bmm(right, b_new[..., None]))
             )[..., 0]
         )
-        p.baddbmm_(left, right)
+        right_t = right.transpose(1, 2)
+        for a_ in range(2):
+            for b_ in range(2):
+                p_kk[..., a_, b_] += (left[:, a_::2] * right_t[:, b_::2]).sum(-1)
+        if used + width > fold_at:
+            p0.baddbmm_(fl_buf[:, :, :used], frt_buf[:, :, :used].transpose(1, 2))
+            used = 0
+        fl_buf[:, :, used : used + width] = left
+        frt_buf[:, :, used : used + width] = right_t
+        used += width
         moves = moves + (take[:, 0::2]).sum()
         s_idx, b_s = s_new, b_new
         if dev.type == "cpu" and not bool(take.any()):
             break  # later rounds would change nothing (on CPU this read is free)
-    w_s = torch.bmm(p, b_s[..., None])[..., 0]  # the ridge refit, afresh from P
+    w_s = p_times(b_s[..., None])[..., 0]  # the ridge refit, afresh from P
     weight = torch.zeros(n, d, dtype=dt, device=dev).scatter_(1, s_idx, w_s)
     objective = _ridge_objective(weight, h, b, dampening)
     # Towards the unridged refit: w_S <- w_S - P g_S, g = w H - b. The error is multiplied by
     # δ (H_SS + δI)^{-1} (eigenvalue-wise δ / (λ + δ) < 1), so the loss on H̃ only drops.
     for _ in range(polish):
         g_s = torch.gather(weight @ h - b, 1, s_idx)
-        w_s = w_s - torch.bmm(p, g_s[..., None])[..., 0]
+        w_s = w_s - p_times(g_s[..., None])[..., 0]
         weight = torch.zeros_like(weight).scatter_(1, s_idx, w_s)
     new_mask = torch.zeros(n, d, dtype=torch.bool, device=dev).scatter_(1, s_idx, True)
     return weight, new_mask, moves, objective
@@ -394,7 +431,7 @@ def mask_search(
     dampening: float = 1e-4,
     max_condition: float | None = None,
     tol: float = 1e-7,
-    polish: int = 3,
+    polish: int = 2,
     max_chunk_bytes: int = 1 << 27,
 ) -> MaskSearchResult:
     """Improve a 2:4 mask by exact local moves (module docstring).
@@ -440,7 +477,8 @@ def mask_search(
     j4 = j[blocks[:, :, None], blocks[:, None, :]].contiguous()  # J's own 4 x 4 group blocks
     del j
     b = target @ h
-    rows = max(1, min(n, max_chunk_bytes // (3 * k * k * target.element_size())))
+    per_row = (2 * k * k + 2 * k * max(4 * swaps, k // 2)) * target.element_size()
+    rows = max(1, min(n, max_chunk_bytes // per_row))
     out_w, out_m, objective, moves = [], [], [], zero
     for i in range(0, n, rows):
         w_i, m_i, moved, obj_i = _search_rows(
