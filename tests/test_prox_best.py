@@ -278,3 +278,26 @@ def test_search_dampening_grows_with_the_conditioning():
     lam = float(torch.linalg.eigvalsh(h)[-1])
     assert lam * float(j.diagonal().max()) <= 2e5 * 1.001
     assert search_dampening(torch.eye(16, dtype=torch.float64), 1e-6, 2e5)[0] == 1e-6
+
+
+def test_best_recipe_through_the_pipeline(tmp_path, text_files):
+    """``solver: {recipe: best}`` in the Lightning pipeline: every layer searched, exactly 2:4."""
+    from helpers import callback, fit_args
+
+    from prox24_lightning.check import check_export
+    from prox24_lightning.cli import cli_main
+    from prox24_lightning.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", num_layers=2)
+    out = tmp_path / "run"
+    export = callback(
+        "prox24_lightning.callbacks.ExportPruned", dirpath=out / "export", overwrite="true"
+    )
+    args = fit_args(
+        model_dir, out, text_files[0], method="prox", callbacks=export,
+        **{"model.solver.recipe": "best"},
+    )  # fmt: skip
+    cli_main(args)
+    assert check_export(out / "export").ok
+    report = (out / "export" / "sparsity_report.json").read_text()
+    assert '"all_2of4": true' in report
