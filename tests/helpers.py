@@ -19,8 +19,10 @@ WORDS = (
 #: The shorter vocabulary some tests were written with (their text stays as it was).
 SHORT_WORDS = WORDS[:16]
 
-#: The accelerated prox phase and a conjugate-gradient refit; callers add ``refine_steps``.
+#: The paper recipe with an accelerated prox phase and a conjugate-gradient refit; callers add
+#: ``refine_steps``.
 PROX_SOLVER = {
+    "model.solver.recipe": "paper",
     "model.solver.beta": "1.3",
     "model.solver.lambda0": "0.05",
     "model.solver.momentum": "0.9",

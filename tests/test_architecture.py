@@ -52,9 +52,12 @@ def test_recipes_by_name_with_overrides():
     assert isinstance(fast, ProxConfig) and fast.beta == 1.05
     assert fast.momentum == RECIPES["fast"].momentum and RECIPES["fast"].beta == 1.03
     assert make_config("prox", {"recipe": "paper"}) == RECIPES["paper"]
-    with pytest.raises(ValueError, match="unknown solver.recipe 'quick'; choose one of paper"):
+    with pytest.raises(
+        ValueError, match="unknown solver.recipe 'quick'; choose one of default, paper"
+    ):
         make_config("prox", {"recipe": "quick"})
-    with pytest.raises(ValueError, match="method 'wanda' has none"):
-        make_config("wanda", {"recipe": "fast"})
+    # One config serves every method: a baseline takes the recipe's refinement only.
+    assert make_config("wanda", {"recipe": "fast"}) == WandaConfig(refine="cg", refine_steps=50)
+    assert make_config("sparsegpt", {"recipe": "paper", "refine_steps": 7}).refine_steps == 7
     with pytest.raises(ValueError, match=r"unknown solver setting\(s\) betta .* valid: recipe"):
         make_config("prox", {"betta": 1.1})

@@ -63,7 +63,7 @@ model:
     model_name_or_path: {model}
     method: prox
     dtype: float32
-    solver: {{lambda0: 0.05, beta: 1.3, momentum: 0.9, refine: cg, refine_steps: 10}}
+    solver: {{recipe: paper, lambda0: 0.05, beta: 1.3, momentum: 0.9, refine: cg, refine_steps: 10}}
 data:
   calibration: {{name: text, path: {train}}}
   calibration_mode: packed
@@ -194,6 +194,10 @@ def test_plan_of_every_variant(tmp_path):
     assert "--model.init_args.solver.refine_steps=0" in plans["sparsegpt"].args
     assert "--model.init_args.solver.refine_steps=7" in plans["magnitude+GD"].args
     assert "--model.init_args.solver.refine=gd" in plans["prox+GD"].args
+    for name in ("alps", "admm"):  # the stronger one-shot methods, alone and +GD
+        assert plans[name].args[plans[name].args.index("--model.init_args.method") + 1] == name
+        assert "--model.init_args.solver.refine_steps=0" in plans[name].args
+        assert "--model.init_args.solver.refine_steps=7" in plans[f"{name}+GD"].args
     paper = [a for a in plans["prox+GD-paper"].args if a.startswith("--model.init_args.solver=")]
     solver = make_config("prox", json.loads(paper[0].split("=", 1)[1]))
     assert solver.beta == 1.01 and solver.refine_steps == 1000 and solver.refine == "gd"

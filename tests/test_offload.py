@@ -274,7 +274,7 @@ def test_grams_and_solves_are_released_as_layers_finish(tmp_path, text_files, mo
         assert all(grams == 0 for _, grams, _, _ in steps)
         # Solves are dropped (optimizer group and all) as their layer finishes, not at the end.
         alive = [n for _, _, n, _ in steps]
-        assert all(n == groups for _, _, n, groups in steps)
+        assert all(n == groups for _, _, n, groups in steps), [s for s in steps if s[2] != s[3]]
         assert alive[0] == 7 and alive[-1] < 7 and alive == sorted(alive, reverse=True)
     assert len(live) == 0
 

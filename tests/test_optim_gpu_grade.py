@@ -231,6 +231,23 @@ def test_settings_reach_the_optimizer_and_are_validated():
         Prox24(check_every=0)
 
 
+def test_every_optimizer_setting_is_a_prox_config_field():
+    """``optimizer_hparams`` copies fields by name: a new ``Prox24`` keyword needs its field."""
+    import dataclasses
+
+    from prox24_lightning.solvers import ProxConfig
+    from prox24_lightning.solvers.layer import OPTIMIZER_KEYS
+
+    assert "lambda0" in OPTIMIZER_KEYS and "prox_tf32" in OPTIMIZER_KEYS
+    assert set(OPTIMIZER_KEYS) <= {f.name for f in dataclasses.fields(ProxConfig)}
+    hp = optimizer_hparams(make_config("prox", {"recipe": "paper"}), 1000, rms=None)
+    assert set(hp) == set(OPTIMIZER_KEYS) and hp["lambda0"] == 0.01
+    assert set(optimizer_hparams(make_config("sparsegpt"), 0, rms=None)) == {
+        "refine",
+        "refine_steps",
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # (3) precision policy and refinement numerics
 # --------------------------------------------------------------------------------------------
@@ -445,3 +462,40 @@ def test_gram_collector_counts_the_tokens_of_the_text_given_twice():
     b = LayerSolve(w, g2, "prox", RECIPES["paper"], n_tokens=n2)
     torch.testing.assert_close(a.problem.target, b.problem.target)
     assert a.token_scale == 2 * b.token_scale
+
+
+def test_pipeline_calibration_given_twice_gives_identical_masks(tmp_path):
+    """The whole pipeline: the same calibration batch fed twice (``2G`` over ``2N`` tokens in
+    every block, the second block's inputs included) prunes to the same masks and weights under
+    an absolute ``lambda0``, so the stage hands the token count to the solver."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from prox24_lightning.pruner import BlockwisePruner
+    from prox24_lightning.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", num_layers=2)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    solver = {"recipe": "paper", "lambda0": 0.05, "beta": 1.3, "momentum": 0.9, "refine": "cg"}
+    solver["refine_steps"] = 5
+    results = []
+    for copies in (1, 2):
+        pruner = BlockwisePruner(model_dir, method="prox", solver=solver, dtype="float32")
+        trainer = L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path / f"run{copies}",
+        )
+        batches = DataLoader([{"input_ids": ids}] * copies, batch_size=None)
+        trainer.fit(pruner, train_dataloaders=batches)
+        assert pruner.is_complete
+        results.append(({k: v.clone() for k, v in pruner.masks.items()}, pruner.lm.state_dict()))
+    (m1, w1), (m2, w2) = results
+    assert m1.keys() == m2.keys() and len(m1) == 14
+    for k in m1:
+        assert torch.equal(m1[k], m2[k]), k
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k

@@ -465,8 +465,8 @@ def test_bf16_model_end_to_end_solves_in_fp32(tmp_path, model_dir, text, monkeyp
     seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
 
     class Spy(stage_mod.LayerSolve):
-        def __init__(self, weight, gram, method, config):
-            super().__init__(weight, gram, method, config)
+        def __init__(self, weight, gram, method, config, **kwargs):
+            super().__init__(weight, gram, method, config, **kwargs)
             self.input_dtypes = (weight.dtype, gram.dtype)
 
         def attach(self, optimizer, name):

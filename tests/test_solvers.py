@@ -17,7 +17,7 @@ from prox24_lightning.ops import normalize
 from prox24_lightning.solvers import METHODS, prune_weight, sparsegpt_prune
 
 # The paper's plain settings (paper.md §4.2-4.3) and the accelerated prox phase.
-PAPER = dict(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000)
+PAPER = dict(recipe="paper", lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000)
 PAPER_MOMENTUM = dict(PAPER, momentum=0.9)
 
 

@@ -140,3 +140,26 @@ def test_bench_cli_json(tmp_path):
         + ["--json", str(path), "--threads", "1"]
     )
     assert path.exists() and "solver" in res and "prox" not in res
+
+
+def test_paired_ppl_bootstraps_every_export_against_the_first(tmp_path, text_files, capsys):
+    import paired_ppl
+
+    from prox24_lightning.testing import save_tiny_model
+
+    a = save_tiny_model(tmp_path / "a", "llama", num_layers=1, seed=0)
+    b = save_tiny_model(tmp_path / "b", "llama", num_layers=1, seed=1)
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"data:\n  validation:\n    held: {{name: text, path: {text_files[1]}}}\n"
+        "  eval_seqlen: 64\n  max_eval_windows: 12\n  bos: never\n"
+    )
+    rows = paired_ppl.main([a, a, b, "--config", str(config), "--resamples", "500"])
+    same, other = rows
+    assert (same["ratio"], same["low"], same["high"]) == (1.0, 1.0, 1.0)
+    assert same["windows_lower"] == 0 and same["n"] == 12
+    assert other["low"] <= other["ratio"] <= other["high"] and other["ratio"] != 1.0
+    # --eval-seqlen / --max-windows replace the config's values
+    rows = paired_ppl.main([a, b, "--config", str(config), "--max-windows", "5"])
+    assert rows[0]["n"] == 5
+    assert "95% paired bootstrap" in capsys.readouterr().out

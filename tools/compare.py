@@ -6,7 +6,8 @@ calibration and evaluation data, and scores the dense model once with ``prox24 v
 ========================  ================================================================
 ``dense``                 the unpruned model (``validate``): perplexity only
 ``magnitude``, ``wanda``  the baseline alone (``solver.refine_steps 0``)
-``sparsegpt``
+``sparsegpt``, ``admm``
+``alps``
 ``<baseline>+GD``         the baseline, then masked refinement on its mask (``--refine``,
                           ``--refine-steps``; default: the config's ``solver.refine`` and
                           ``solver.refine_steps``)
@@ -81,6 +82,10 @@ VARIANTS: tuple[str, ...] = (
     "wanda+GD",
     "sparsegpt",
     "sparsegpt+GD",
+    "admm",
+    "admm+GD",
+    "alps",
+    "alps+GD",
     "prox",
     "prox+GD",
     "prox+GD-paper",
@@ -94,6 +99,8 @@ _COLORS = {
     "magnitude": "tab:gray",
     "wanda": "tab:blue",
     "sparsegpt": "tab:orange",
+    "admm": "tab:brown",
+    "alps": "tab:cyan",
     "prox": "tab:green",
     "prox-paper": "tab:purple",
 }

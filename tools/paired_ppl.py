@@ -1,10 +1,13 @@
-"""Paired perplexity comparison of two exports on a config's evaluation windows.
+"""Paired perplexity comparison of exports on a config's evaluation windows.
 
-``python tools/paired_ppl.py EXPORT_A EXPORT_B [--config configs/demo.yaml]`` scores both exports
-on the same windows (the config's first evaluation set, ``eval_seqlen``, ``max_eval_windows``),
-each window with the project's :class:`~prox24_lightning.metrics.Perplexity`, then bootstraps the
-ratio ``ppl(B) / ppl(A)`` over windows (paired: the same resampled windows for both). This says
-whether a perplexity gap is larger than the evaluation set's own noise.
+``python tools/paired_ppl.py EXPORT_A EXPORT_B [EXPORT_C ...] [--config configs/demo.yaml]``
+scores every export on the same windows (the config's first evaluation set, its ``eval_seqlen``,
+``max_eval_windows`` and ``bos``; ``--eval-seqlen`` / ``--max-windows`` override them, as
+``tools/compare.py --set`` does), each window with the project's
+:class:`~prox24_lightning.metrics.Perplexity`, then bootstraps the ratio ``ppl(X) / ppl(A)`` of
+every other export ``X`` against the first one over windows (paired: the same resampled windows
+for both). This says whether a perplexity gap is larger than the evaluation set's own noise: an
+interval that excludes 1 is a difference beyond it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prox24_lightning.data import evaluation_windows
+from prox24_lightning.data import evaluation_windows, resolve_bos
 from prox24_lightning.metrics import Perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,31 +39,60 @@ def window_nll(path: str, windows: torch.Tensor, batch_size: int = 8) -> torch.T
     return torch.stack(out)
 
 
-def main() -> None:
+def paired_bootstrap(
+    nll_a: torch.Tensor, nll_b: torch.Tensor, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(ppl(B)/ppl(A), low, high)``: the ratio and its 95% paired bootstrap interval.
+
+    ``nll_*`` are per-window mean NLLs of the same windows; each resample draws windows with
+    replacement and takes both models' means over the same draw.
+    """
+    n = len(nll_a)
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    ratios = (nll_b[idx].mean(1) - nll_a[idx].mean(1)).exp()
+    ratio = float((nll_b.mean() - nll_a.mean()).exp())
+    return ratio, float(ratios.quantile(0.025)), float(ratios.quantile(0.975))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("export_a")
-    ap.add_argument("export_b")
+    ap.add_argument("exports", nargs="+", help="export folders; the first is the reference A")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    ap.add_argument("--eval-seqlen", type=int, default=None, help="default: the config's")
+    ap.add_argument("--max-windows", type=int, default=None, help="default: the config's")
     ap.add_argument("--resamples", type=int, default=10_000)
-    opts = ap.parse_args()
+    opts = ap.parse_args(argv)
+    if len(opts.exports) < 2:
+        ap.error("give at least two exports")
     data = yaml.safe_load(opts.config.read_text())["data"]
     name, source = next(iter(data["validation"].items()))
+    tokenizer = AutoTokenizer.from_pretrained(opts.exports[0])
     windows = evaluation_windows(
         source,
-        AutoTokenizer.from_pretrained(opts.export_a),
-        seqlen=data["eval_seqlen"],
-        max_windows=data.get("max_eval_windows"),
+        tokenizer,
+        seqlen=opts.eval_seqlen or data["eval_seqlen"],
+        max_windows=opts.max_windows or data.get("max_eval_windows"),
+        bos_token_id=resolve_bos(tokenizer, data.get("bos", "auto")),
     )
-    nll_a, nll_b = window_nll(opts.export_a, windows), window_nll(opts.export_b, windows)
+    nll = {path: window_nll(path, windows) for path in opts.exports}
+    ref = opts.exports[0]
     n = len(windows)
-    idx = torch.randint(0, n, (opts.resamples, n), generator=torch.Generator().manual_seed(0))
-    ratios = (nll_b[idx].mean(1) - nll_a[idx].mean(1)).exp()
-    lo, hi = ratios.quantile(0.025).item(), ratios.quantile(0.975).item()
-    print(f"{name}, {n} windows: ppl A {nll_a.mean().exp():.3f}, ppl B {nll_b.mean().exp():.3f}")
     print(
-        f"ppl(B)/ppl(A) = {(nll_b.mean() - nll_a.mean()).exp():.4f}, 95% bootstrap interval "
-        f"[{lo:.4f}, {hi:.4f}]; B lower on {int((nll_b < nll_a).sum())}/{n} windows"
+        f"{name}, {n} windows of {windows.shape[1]} tokens; A = {ref} (ppl {nll[ref].mean().exp():.3f})"
     )
+    print("\n| export | ppl | ppl / ppl(A) | 95% paired bootstrap | lower than A on |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for path in opts.exports[1:]:
+        ratio, lo, hi = paired_bootstrap(nll[ref], nll[path], opts.resamples)
+        wins = int((nll[path] < nll[ref]).sum())
+        verdict = "beyond noise" if hi < 1 or lo > 1 else "within noise"
+        print(
+            f"| {path} | {nll[path].mean().exp():.3f} | {ratio:.4f} | [{lo:.4f}, {hi:.4f}] "
+            f"({verdict}) | {wins}/{n} windows |"
+        )
+        rows.append(dict(export=path, ratio=ratio, low=lo, high=hi, windows_lower=wins, n=n))
+    return rows
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ so the 1296 Schur complements are computed once (batched 8x8 solves) and every r
 are one batched quadratic form.
 
 Each method (magnitude, Wanda, SparseGPT, the prox pruner with the paper's settings, the same with
-momentum 0.9, and the library's ``fast`` recipe) is run through
+momentum 0.9, the library's ``fast`` recipe and its default, ``RECIPES["default"]``) is run through
 :func:`prox24_lightning.solvers.prune_weight`, and scored three ways per row:
 
 * ``hits``: its mask is the optimal mask;
@@ -66,6 +66,7 @@ METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "prox (paper)": ("prox", recipe("paper")),
     "prox (paper, momentum 0.9)": ("prox", recipe("paper", momentum=0.9)),
     "prox (fast recipe)": ("prox", recipe("fast")),
+    "prox (default)": ("prox", recipe("default")),
 }
 
 

@@ -199,24 +199,30 @@ class BlockStage:
         owners = assign_layers(
             {n: _solve_cost(self.layers[n]) for n in names}, self.collective.world_size
         )
-        solves: dict[str, LayerSolve] = {}
-        for name in names:
-            if owners[name] != self.collective.rank:
-                continue
-            weight = get_weight_matrix(self.layers[name])
-            solve = LayerSolve(
-                weight,
-                grams[collector.leader[name]],
-                self.settings.method,
-                self.settings.config,
-            )
-            solve.attach(self.optimizer, name)
-            solves[name] = solve
-            self.local_solves += 1
+        # Built by a function: no local variable here keeps a finished solve (its Gram) alive.
+        solves = {
+            name: self._start_solve(name, grams[collector.leader[name]])
+            for name in names
+            if owners[name] == self.collective.rank
+        }
         grams.clear()
         collector.free(names)
         solved = self._run(solves)
         return self._share(names, owners, solved)
+
+    def _start_solve(self, name: str, gram: Tensor) -> LayerSolve:
+        """Layer ``name``'s solve, attached to the optimizer."""
+        solve = LayerSolve(
+            get_weight_matrix(self.layers[name]),
+            gram,
+            self.settings.method,
+            self.settings.config,
+            # An absolute lambda0 then means the same at any calibration size (ProxConfig).
+            n_tokens=self.tokens[name],
+        )
+        solve.attach(self.optimizer, name)
+        self.local_solves += 1
+        return solve
 
     def _run(self, solves: dict[str, LayerSolve]) -> dict[str, PruneResult]:
         """Step this rank's solves to the end; each layer is written and freed when done."""
@@ -239,8 +245,7 @@ class BlockStage:
         while solves:
             self._step()
             maybe_fail("solver")
-            for s in solves.values():
-                s.observe()
+            _observe(solves)  # a function, so no loop variable keeps a finished solve alive
             harvest()
             steps += 1
             if self.progress is not None and steps % every == 0:
@@ -304,6 +309,11 @@ def _first_nonfinite_gram(collector: GramCollector) -> str | None:
         if acc is not None and not bool(torch.isfinite(acc.gram).all()):
             return lead
     return None
+
+
+def _observe(solves: dict[str, LayerSolve]) -> None:
+    for solve in solves.values():
+        solve.observe()
 
 
 def _solve_cost(layer: nn.Module) -> float:

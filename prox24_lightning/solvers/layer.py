@@ -10,6 +10,8 @@ the input dtype. The pipeline drives the same :class:`LayerSolve` objects throug
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -106,29 +108,27 @@ def check_layer_inputs(weight: Tensor, gram: Tensor) -> None:
         )
 
 
+#: :class:`Prox24`'s per-layer settings (its keyword arguments): taken from a config by name.
+OPTIMIZER_KEYS: tuple[str, ...] = tuple(
+    p.name
+    for p in inspect.signature(Prox24.__init__).parameters.values()
+    if p.kind is p.KEYWORD_ONLY
+)
+
+
 def optimizer_hparams(config: MethodConfig, refine_steps: int, rms: float | None) -> dict:
     """The one translation from a method config to a layer's :class:`Prox24` settings.
 
-    ``rms`` is the RMS of the layer's normalised weights (used with ``lambda_scale: rms``).
+    Every :data:`OPTIMIZER_KEYS` field the config has is copied (a baseline's config has only
+    ``refine``); ``refine_steps`` is the resolved count and ``lambda0`` is divided by ``rms``,
+    the RMS of the layer's normalised weights, under ``lambda_scale: rms``.
     """
-    hparams: dict[str, Any] = {"refine": config.refine, "refine_steps": refine_steps}
-    if isinstance(config, ProxConfig):
-        lambda0 = config.lambda0
-        if config.lambda_scale == "rms":
-            assert rms is not None
-            lambda0 = config.lambda0 / max(rms, 1e-12)
-        hparams.update(
-            lambda0=lambda0,
-            beta=config.beta,
-            momentum=config.momentum,
-            max_prox_steps=config.max_prox_steps,
-            switch_at=config.switch_at,
-            beta_tail=config.beta_tail,
-            tail_from=config.tail_from,
-            check_every=config.check_every,
-            compile=config.compile,
-            prox_tf32=config.prox_tf32,
-        )
+    fields = {f.name for f in dataclasses.fields(config)}
+    hparams: dict[str, Any] = {k: getattr(config, k) for k in OPTIMIZER_KEYS if k in fields}
+    hparams["refine_steps"] = refine_steps
+    if isinstance(config, ProxConfig) and config.lambda_scale == "rms":
+        assert rms is not None
+        hparams["lambda0"] = config.lambda0 / max(rms, 1e-12)
     return hparams
 
 
@@ -172,6 +172,7 @@ class LayerSolve:
         self.dtype = weight.dtype
         steps = self.method_class.refine_steps(config)
         self.stats = PruneStats(method=method, refine_steps=steps)
+        self._method_weight: Tensor | None = None  # the method's point, kept for refinement
         device = weight.device
         #: Gram units -> solver units (losses are divided by it again for the stats).
         self.token_scale = token_scale(n_tokens)
@@ -251,6 +252,9 @@ class LayerSolve:
         cap = getattr(self.config, "max_prox_steps", None)
         self.stats.capped = cap is not None and st["prox_steps"] >= cap
         self.stats.loss_method = self.problem.loss(self.work) / self.token_scale
+        # Refinement is a descent on a convex problem: a higher loss at its end is fp32 rounding
+        # (e.g. gradient steps from the search's exact refit); result() then keeps this point.
+        self._method_weight = self.work.clone() if self.stats.refine_steps > 0 else None
         self.stats.loss_mask_only = (
             self.problem.loss(apply_mask(self.problem.target, self.problem.mask)) / self.token_scale
         )
@@ -300,6 +304,10 @@ class LayerSolve:
         assert mask is not None
         with torch.autocast(device_type=self.work.device.type, enabled=False):
             self.stats.loss_final = self.problem.loss(self.work) / self.token_scale
+            if self._method_weight is not None and self.stats.loss_final > self.stats.loss_method:
+                self.work.copy_(self._method_weight)
+                self.stats.loss_final = self.stats.loss_method
+            self._method_weight = None
             final = apply_mask(self.norm.from_normalized(self.work), mask).to(self.dtype)
             # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
             final = apply_mask(final, mask)

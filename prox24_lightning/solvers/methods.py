@@ -10,8 +10,9 @@ point for the :class:`~prox24_lightning.optim.Prox24` optimizer:
   from ``Ŵ̃`` and freezes the support itself.
 
 Configs are plain dataclasses. :func:`make_config` builds one from a mapping (a YAML ``solver:``
-section): ``recipe`` names an entry of :data:`RECIPES` to start from, other keys override its
-fields, keys that belong to another method only (``beta`` given to Wanda when a config is reused
+section): ``recipe`` names an entry of :data:`RECIPES` to start from (without one, prox starts
+from ``RECIPES["default"]``, every other method from its config class's defaults; the fields of
+``ProxConfig()`` itself are the paper's), other keys override its fields, keys that belong to another method only (``beta`` given to Wanda when a config is reused
 with ``--model.init_args.method wanda``) are ignored, unknown keys are refused, and every value is
 validated before any work starts.
 """
@@ -47,6 +48,12 @@ __all__ = [
 ]
 
 RefineMethod = Literal["gd", "cg"]
+#: The range rules of :meth:`MethodConfig.require` (the float ones refuse NaN and Inf).
+_RULES = {
+    "> 0": lambda v: v > 0 and math.isfinite(v),
+    ">= 0": lambda v: v >= 0 and math.isfinite(v),
+    ">= 1": lambda v: v >= 1,
+}
 #: Warm starts of ``ProxConfig.warm_start``: the one-shot method that replaces the prox phase.
 WARM_STARTS = ("none", "alps", "sparsegpt")
 
@@ -64,6 +71,13 @@ class MethodConfig:
 
     refine_steps: int | None = None
     refine: RefineMethod = "gd"
+
+    def require(self, rule: Literal["> 0", ">= 0", ">= 1"], *keys: str) -> None:
+        """Raise ``ValueError`` naming the first of ``keys`` whose value breaks ``rule``."""
+        for key in keys:
+            value = getattr(self, key)
+            if not _RULES[rule](value):
+                raise ValueError(f"solver.{key} must be {rule}, got {value}")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid setting."""
@@ -102,10 +116,7 @@ class SparseGPTConfig(MethodConfig):
                 f"solver.sparsegpt_blocksize must be a positive multiple of 4, got "
                 f"{self.sparsegpt_blocksize}"
             )
-        if not self.sparsegpt_dampening >= 0:
-            raise ValueError(
-                f"solver.sparsegpt_dampening must be >= 0, got {self.sparsegpt_dampening}"
-            )
+        self.require(">= 0", "sparsegpt_dampening")
 
 
 @dataclass
@@ -141,18 +152,9 @@ class ALPSConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("alps_rho0", "alps_rho_max"):
-            value = getattr(self, key)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"solver.{key} must be > 0, got {value}")
-        for key in ("alps_max_iterations", "alps_update_every"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"solver.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("alps_min_iterations", "alps_pcg_iterations"):
-            if int(getattr(self, key)) < 0:
-                raise ValueError(f"solver.{key} must be >= 0, got {getattr(self, key)}")
-        if not (self.alps_dampening > 0 and math.isfinite(self.alps_dampening)):
-            raise ValueError(f"solver.alps_dampening must be > 0, got {self.alps_dampening}")
+        self.require("> 0", "alps_rho0", "alps_rho_max", "alps_dampening")
+        self.require(">= 1", "alps_max_iterations", "alps_update_every")
+        self.require(">= 0", "alps_min_iterations", "alps_pcg_iterations")
         if self.alps_dampening_space not in ("original", "normalized"):
             raise ValueError(
                 "solver.alps_dampening_space must be 'original' or 'normalized', got "
@@ -193,10 +195,8 @@ class ADMMConfig(MethodConfig):
                 f"solver.admm_mask_iterations ({self.admm_mask_iterations}) must be <= "
                 f"solver.admm_iterations ({self.admm_iterations}): the mask must reach 2:4"
             )
-        if not (self.admm_rho > 0 and math.isfinite(self.admm_rho)):
-            raise ValueError(f"solver.admm_rho must be > 0, got {self.admm_rho}")
-        if not (self.admm_dampening >= 0 and math.isfinite(self.admm_dampening)):
-            raise ValueError(f"solver.admm_dampening must be >= 0, got {self.admm_dampening}")
+        self.require("> 0", "admm_rho")
+        self.require(">= 0", "admm_dampening")
         if not self.admm_schedule_exponent > 0:
             raise ValueError(
                 f"solver.admm_schedule_exponent must be > 0, got {self.admm_schedule_exponent}"
@@ -280,8 +280,7 @@ class ProxConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not (self.lambda0 > 0 and math.isfinite(self.lambda0)):
-            raise ValueError(f"solver.lambda0 must be > 0, got {self.lambda0}")
+        self.require("> 0", "lambda0", "mask_search_dampening")
         if self.lambda_scale not in ("absolute", "rms"):
             raise ValueError(
                 f"solver.lambda_scale must be 'absolute' or 'rms', got {self.lambda_scale!r}"
@@ -293,8 +292,8 @@ class ProxConfig(MethodConfig):
             raise ValueError(f"solver.beta_tail must be > 1 (or null), got {self.beta_tail}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"solver.momentum must be in [0, 1), got {self.momentum}")
-        if int(self.max_prox_steps) < 1:
-            raise ValueError(f"solver.max_prox_steps must be >= 1, got {self.max_prox_steps}")
+        self.require(">= 1", "max_prox_steps", "mask_search_swaps")
+        self.require(">= 0", "mask_search_rounds")
         for key in ("switch_at", "tail_from"):
             value = getattr(self, key)
             if not 0.0 < value <= 1.0:
@@ -306,20 +305,10 @@ class ProxConfig(MethodConfig):
                 f"solver.warm_start must be one of {', '.join(WARM_STARTS)}, got "
                 f"{self.warm_start!r}"
             )
-        if int(self.mask_search_rounds) < 0:
-            raise ValueError(
-                f"solver.mask_search_rounds must be >= 0, got {self.mask_search_rounds}"
-            )
-        if int(self.mask_search_swaps) < 1:
-            raise ValueError(f"solver.mask_search_swaps must be >= 1, got {self.mask_search_swaps}")
         if int(self.mask_search_candidates) < int(self.mask_search_swaps):
             raise ValueError(
                 f"solver.mask_search_candidates ({self.mask_search_candidates}) must be >= "
                 f"solver.mask_search_swaps ({self.mask_search_swaps})"
-            )
-        if not (self.mask_search_dampening > 0 and math.isfinite(self.mask_search_dampening)):
-            raise ValueError(
-                f"solver.mask_search_dampening must be > 0, got {self.mask_search_dampening}"
             )
 
 
@@ -334,6 +323,12 @@ class PruningMethod:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: refinement steps when ``config.refine_steps`` is ``None``.
     default_refine_steps: ClassVar[int] = 0
+
+    @classmethod
+    def default_config(cls) -> MethodConfig:
+        """What a config without ``recipe`` starts from (``prune_weight`` without a config, a
+        YAML ``solver`` mapping): the config class's defaults."""
+        return cls.config_class()
 
     @classmethod
     def refine_steps(cls, config: MethodConfig) -> int:
@@ -446,6 +441,11 @@ class Prox(PruningMethod):
     default_refine_steps = 1000
 
     @classmethod
+    def default_config(cls) -> MethodConfig:
+        """``RECIPES["default"]`` (``ProxConfig()`` itself holds the paper's values)."""
+        return dataclasses.replace(RECIPES["default"])
+
+    @classmethod
     def one_shot(
         cls, target: Tensor, norm: DiagonalNormalization, config: Any
     ) -> tuple[Tensor, Tensor] | None:
@@ -474,9 +474,33 @@ METHODS: dict[str, type[PruningMethod]] = {
 #: path; with an absolute lambda0 the quick schedule is too quick for small weights), (iv) the
 #: prox stops at 99.9% (the last groups keep their two largest compensated entries) and (v) 50
 #: conjugate-gradient steps reach the per-row least-squares refit that 1000 gradient steps only
-#: approach. Measured by ``tools/bench_solver.py`` on SmolLM2-135M (docs/results.md);
-#: ``tests/test_recipes.py`` guards loss and cost. In YAML: ``solver: {recipe: fast}``.
+#: approach. ``default`` is fast's path with a quicker schedule plus the exact local mask search
+#: (what ``method: prox`` runs), ``best`` ALPS's mask plus the search. Measured by
+#: ``tools/bench_solver.py`` on SmolLM2-135M (docs/results.md); ``tests/test_recipes.py`` guards
+#: loss and cost. In YAML: ``solver: {recipe: fast}``.
 RECIPES: dict[str, ProxConfig] = {
+    # ``default``: what ``method: prox`` runs unless a recipe is named. The prox phase on the
+    # fast recipe's path with a quicker schedule (beta 1.1, 1.2 in the tail), then 6 rounds of
+    # the exact local mask search (solvers/mask_search.py) and 20 CG steps. On SmolLM2-135M's
+    # real Grams (blocks 0, 15, 29; 32 x 256 tokens; tools/bench_solver.py --recipes fast
+    # default best) 0.863 of SparseGPT + CG 50's summed local loss, below ALPS's mask with the
+    # exact refit (0.888), in 0.96x the fast recipe's solver time (docs/results.md section 10).
+    "default": ProxConfig(
+        lambda0=0.01,
+        lambda_scale="rms",
+        beta=1.1,
+        momentum=0.9,
+        beta_tail=1.2,
+        tail_from=0.9,
+        switch_at=0.999,
+        mask_search_rounds=6,
+        mask_search_swaps=16,
+        mask_search_candidates=16,
+        refine="cg",
+        refine_steps=20,
+    ),
+    # The paper's (Algorithm 2): plain proximal gradient, lambda0 0.01 (in the units of 2^21
+    # calibration tokens), beta 1.01 until every group is 2:4, then 1000 masked-gradient steps.
     "paper": ProxConfig(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000),
     "fast": ProxConfig(
         lambda0=0.01,
@@ -495,7 +519,7 @@ RECIPES: dict[str, ProxConfig] = {
     # SmolLM2-135M's real Grams (blocks 0, 15, 29; tools/bench_solver.py --recipes fast best)
     # 0.848 of SparseGPT + CG 50's summed local loss (fast: 0.928, ALPS + CG 50: 0.888) in 0.9x
     # fast's solver time (down_proj alone: 1.2x). A prox phase between the warm start and the
-    # search did not lower the loss further. Not the default.
+    # search did not lower the loss further. Not the default: the prox phase plays no part.
     "best": ProxConfig(
         lambda_scale="rms",
         warm_start="alps",
@@ -525,8 +549,9 @@ def make_config(
 ) -> MethodConfig:
     """The validated config of ``method`` from a dataclass or a mapping, plus ``overrides``.
 
-    A mapping may name a ``recipe`` (a key of :data:`RECIPES`, prox only) to start from. Keys of
-    another method's config are ignored (one YAML serves every method); keys no method knows are
+    A mapping may name a ``recipe`` (a key of :data:`RECIPES`) to start from; another method than
+    prox takes only the fields it shares with the recipe (the refinement). Keys of another
+    method's config are ignored (one YAML serves every method); keys no method knows are
     refused, naming the valid ones.
     """
     cls = get_method(method).config_class
@@ -540,15 +565,18 @@ def make_config(
         values = dict(settings or {})
     values.update(overrides)
     recipe = values.pop("recipe", None)
-    base: MethodConfig = cls()
+    base: MethodConfig = get_method(method).default_config()
     if recipe is not None:
         if recipe not in RECIPES:
             raise ValueError(
                 f"unknown solver.recipe {recipe!r}; choose one of {', '.join(RECIPES)}"
             )
-        if cls is not ProxConfig:
-            raise ValueError(f"solver.recipe names a prox recipe; method {method!r} has none")
-        base = RECIPES[recipe]
+        # A baseline given a prox recipe (demo.yaml with ``--model.init_args.method wanda``)
+        # takes the fields it shares with it, the refinement, as it takes any prox-only key.
+        shared = {
+            k: getattr(RECIPES[recipe], k) for k in _field_names(cls) & _field_names(ProxConfig)
+        }
+        base = cls(**shared)
     own = _field_names(cls)
     known = set().union(*(_field_names(m.config_class) for m in METHODS.values()))
     unknown = sorted(set(values) - known)
