@@ -45,13 +45,17 @@ quasi-definite ``K = [[P_RR, C_RA], [C_RA^T, -Σ_AA]]`` and ``v = [w_R; g_A]``, 
    into ``P`` once they are ``k/2`` wide (a round never rewrites all of ``P``), and ``w_S``
    follows in ``O(k·swaps)``.
 
-A row whose accepted moves all lower its ridge loss cannot get worse, up to fp32 rounding; a
-final check compares every row's ridge loss with that of the start's weights (one GEMM) and
-keeps the start where rounding made the search worse. Two steps ``w_S <- w_S - P g_S`` (``g`` on
-the unridged ``H``; the error shrinks by ``δ (H_SS + δI)^{-1}``) then move the ridge refit
-towards the unridged one. Rows are processed in chunks that bound the ``[rows, k, k]`` inverses
-(``max_chunk_bytes``); the initial ``P`` of a chunk costs one batched Cholesky factorisation and
-inverse (``O(k^3)`` per row, the bulk of the time), each round ``O(k^2 · candidates)`` per row.
+After the last round the ridge refit ``w_S = P b_S`` is checked by its residual: the rank
+updates' rounding accumulates in ``P``, and on an ill-conditioned ``H̃`` a refit from the updated
+``P`` can be far off, so rows whose residual ``|(H_SS + δI) w_S - b_S|`` exceeds ``refit_tol``
+of ``|b_S|`` are factored afresh and solved exactly (none on well-conditioned layers: there the
+residual stays near 5e-5 of ``|b_S|``). Two steps ``w_S <- w_S - P g_S`` (``g`` on the unridged
+``H``; the error shrinks by ``δ (H_SS + δI)^{-1}``) then move it towards the unridged refit. A
+final check compares every row's local loss with that of the start's weights (one GEMM) and
+keeps the start where the search did not lower it, so no row is returned worse than it came.
+Rows are processed in chunks that bound the ``[rows, k, k]`` inverses (``max_chunk_bytes``); the
+initial ``P`` of a chunk costs one batched Cholesky factorisation and inverse (``O(k^3)`` per
+row, the bulk of the time), each round costs ``O(k^2 · candidates)`` per row.
 
 On SmolLM2-135M's real Grams (blocks 0, 15, 29; ``tools/bench_solver.py --recipes best``) the
 screen finds every one of the eight best exact moves of a row among its 32 best-screened groups,
@@ -181,10 +185,11 @@ def _search_rows(
     dampening: float,
     tol: float,
     polish: int,
+    refit_tol: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The search for one chunk of rows: ``(weight, mask, accepted moves, ridge objective)``:
-    the ridge refit's objective (:func:`_ridge_objective`) and the weight after ``polish``
-    steps towards the unridged refit."""
+    """The search for one chunk of rows: ``(weight, mask, accepted moves, objective)``: the
+    weight after ``polish`` steps from the final support's ridge refit towards the unridged
+    one, and its per-row :func:`_row_objective` (``inf`` where that support did not factor)."""
     n, d = b.shape
     groups, k = d // 4, d // 2
     dev, dt = b.device, b.dtype
@@ -365,22 +370,44 @@ def _search_rows(
         s_idx, b_s = s_new, b_new
         if dev.type == "cpu" and not bool(take.any()):
             break  # later rounds would change nothing (on CPU this read is free)
-    w_s = p_times(b_s[..., None])[..., 0]  # the ridge refit, afresh from P
+    # The ridge refit of the final support. The rank updates steer the moves well, but their
+    # rounding accumulates in P: on an ill-conditioned H̃ the refit from the updated P, and
+    # steps preconditioned by it, can be far off (3.5x the exact loss on a real o_proj). Rows
+    # whose ridge residual shows it are factored afresh (once per chunk, not per round).
+    w_s = p_times(b_s[..., None])[..., 0]
     weight = torch.zeros(n, d, dtype=dt, device=dev).scatter_(1, s_idx, w_s)
-    objective = _ridge_objective(weight, h, b, dampening)
+    resid = torch.gather(weight @ h - b, 1, s_idx) + dampening * w_s
+    drift = resid.norm(dim=-1) > refit_tol * b_s.norm(dim=-1)
+    redo = torch.nonzero(drift).flatten()  # one host read per chunk
+    factored = torch.ones(n, dtype=torch.bool, device=dev)
+    chol = None
+    if redo.numel() > 0:
+        s_redo = s_idx[redo]
+        hss = h[s_redo[:, :, None], s_redo[:, None, :]]
+        hss.diagonal(dim1=1, dim2=2).add_(dampening)
+        chol, info = torch.linalg.cholesky_ex(hss)
+        del hss
+        w_s[redo] = torch.cholesky_solve(b_s[redo][..., None], chol)[..., 0]
+        factored[redo] = info == 0
+        weight = torch.zeros_like(weight).scatter_(1, s_idx, w_s)
     # Towards the unridged refit: w_S <- w_S - P g_S, g = w H - b. The error is multiplied by
     # δ (H_SS + δI)^{-1} (eigenvalue-wise δ / (λ + δ) < 1), so the loss on H̃ only drops.
     for _ in range(polish):
         g_s = torch.gather(weight @ h - b, 1, s_idx)
-        w_s = w_s - p_times(g_s[..., None])[..., 0]
+        step = p_times(g_s[..., None])[..., 0]
+        if chol is not None:
+            step[redo] = torch.cholesky_solve(g_s[redo][..., None], chol)[..., 0]
+        w_s = w_s - step
         weight = torch.zeros_like(weight).scatter_(1, s_idx, w_s)
+    objective = _row_objective(weight, h, b)
+    objective = torch.where(factored, objective, torch.inf)  # not factored: keep the start
     new_mask = torch.zeros(n, d, dtype=torch.bool, device=dev).scatter_(1, s_idx, True)
     return weight, new_mask, moves, objective
 
 
-def _ridge_objective(w: Tensor, h: Tensor, b: Tensor, dampening: float) -> Tensor:
-    """``w (H + δI) w^T - 2 w b^T`` for every row: the ridge loss minus the constant ``t H t^T``."""
-    return ((w @ h) * w).sum(-1) + dampening * (w * w).sum(-1) - 2.0 * (w * b).sum(-1)
+def _row_objective(w: Tensor, h: Tensor, b: Tensor) -> Tensor:
+    """``w H w^T - 2 w b^T`` for every row: the row's local loss minus the constant ``t H t^T``."""
+    return ((w @ h) * w).sum(-1) - 2.0 * (w * b).sum(-1)
 
 
 @dataclass
@@ -438,6 +465,7 @@ def mask_search(
     max_condition: float | None = None,
     tol: float = 1e-7,
     polish: int = 2,
+    refit_tol: float = 1e-4,
     max_chunk_bytes: int = 1 << 27,
 ) -> MaskSearchResult:
     """Improve a 2:4 mask by exact local moves (module docstring).
@@ -458,14 +486,16 @@ def mask_search(
         tol: a move set must lower the row's loss by more than ``tol · b_S^T w_S``.
         polish: steps ``w_S <- w_S - P g_S`` from the ridge refit towards the unridged one
             (each multiplies the error by ``δ (H_SS + δI)^{-1}``).
+        refit_tol: a row whose ridge residual after the rounds exceeds this fraction of
+            ``|b_S|`` (the updated inverse has drifted) is refit from a fresh factorisation.
         max_chunk_bytes: rows are searched in chunks whose ``[rows, k, k]`` inverse and
             workspace fit this.
 
     Returns:
-        :class:`MaskSearchResult`: per row the start, or the searched mask with its refit where
-        the ridge loss of that refit (``w_S = (H_SS + δI)^{-1} b_S``, the objective of the
-        search) is below the ridge loss of the start's weights: fp32 rounding never makes a
-        row worse than its start in the search's own objective.
+        :class:`MaskSearchResult`: per row the start, or the searched mask with its refit
+        (``w_S = (H_SS + δI)^{-1} b_S``, then ``polish`` steps)
+        where that refit's local loss is below the start's: no row is returned worse than its
+        start, whatever fp32 rounding did during the search.
     """
     n, d = target.shape
     dt = target.dtype
@@ -498,6 +528,7 @@ def mask_search(
             dampening=delta,
             tol=tol,
             polish=polish,
+            refit_tol=refit_tol,
         )
         objective.append(obj_i)
         out_w.append(w_i)
@@ -505,7 +536,7 @@ def mask_search(
         moves = moves + moved
     new_w, new_m = torch.cat(out_w), torch.cat(out_m)
     start = apply_mask(weight.to(dt), mask)
-    better = torch.cat(objective) < _ridge_objective(start, h, b, delta)
+    better = torch.cat(objective) < _row_objective(start, h, b)
     new_w = torch.where(better[:, None], new_w, start)
     new_m = torch.where(better[:, None], new_m, mask)
     return MaskSearchResult(
