@@ -174,7 +174,8 @@ def near_duplicate_layer(seed: int, d_in: int, d_out: int) -> tuple[torch.Tensor
 def test_fp32_search_on_an_ill_conditioned_gram_returns_its_masks_refit():
     """The returned weight is the refit of the returned mask (not of the drifted inverse the
     moves were scored with) and no row comes back worse than its start. Without the residual
-    check and the guard after the polish: 7.8x the exact refit's loss, 27 of 64 rows worse than the start."""
+    check and the guard after the polish: 7.8x the exact refit's loss, 27 of 64 rows worse
+    than the start."""
     t, h = near_duplicate_layer(0, 256, 64)
     mask = mask_2of4(t.abs())
     start = refit64(t, h, mask)

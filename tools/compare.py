@@ -433,16 +433,16 @@ def _solver_text(name: str, rec: dict[str, Any]) -> str:
         return ref if refined(name) else "none"
     scale = " / RMS(W̃)" if s.get("lambda_scale") == "rms" else ""
     warm = s.get("warm_start") or "none"
-    if warm != "none":
+    if warm != "none":  # no prox phase: its schedule does not apply
         parts = [f"{warm} warm start"]
     else:
         parts = [f"λ0 {s.get('lambda0'):g}{scale}, β {s.get('beta'):g}"]
-    if warm == "none" and s.get("momentum"):
-        parts.append(f"momentum {s['momentum']:g}")
-    if s.get("beta_tail"):
-        parts.append(f"β_tail {s['beta_tail']:g} from {s.get('tail_from'):g}")
-    if warm == "none" and s.get("switch_at", 1.0) < 1.0:
-        parts.append(f"switch at {s['switch_at']:g}")
+        if s.get("momentum"):
+            parts.append(f"momentum {s['momentum']:g}")
+        if s.get("beta_tail"):
+            parts.append(f"β_tail {s['beta_tail']:g} from {s.get('tail_from'):g}")
+        if s.get("switch_at", 1.0) < 1.0:
+            parts.append(f"switch at {s['switch_at']:g}")
     if s.get("mask_search_rounds"):
         parts.append(
             f"mask search {s['mask_search_rounds']} rounds x {s.get('mask_search_swaps')} moves"

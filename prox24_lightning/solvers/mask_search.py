@@ -194,10 +194,7 @@ def _search_rows(
     groups, k = d // 4, d // 2
     dev, dt = b.device, b.dtype
     s_idx, q_idx = support_slots(mask)
-    hss = h[s_idx[:, :, None], s_idx[:, None, :]]  # H_SS of every row: [n, k, k]
-    hss.diagonal(dim1=1, dim2=2).add_(dampening)
-    chol, info = torch.linalg.cholesky_ex(hss)
-    del hss
+    chol, info = _factor_supports(h, s_idx, dampening)
     # P = (H_SS + δI)^{-1} = p0 + fl @ fr: the rank updates of the moves are kept as factors
     # (a few GEMVs wide) and folded into p0 only once they are as wide as p0 is half (so a
     # round never rewrites all of P: that pass would cost as much as the round).
@@ -382,11 +379,7 @@ def _search_rows(
     factored = torch.ones(n, dtype=torch.bool, device=dev)
     chol = None
     if redo.numel() > 0:
-        s_redo = s_idx[redo]
-        hss = h[s_redo[:, :, None], s_redo[:, None, :]]
-        hss.diagonal(dim1=1, dim2=2).add_(dampening)
-        chol, info = torch.linalg.cholesky_ex(hss)
-        del hss
+        chol, info = _factor_supports(h, s_idx[redo], dampening)
         w_s[redo] = torch.cholesky_solve(b_s[redo][..., None], chol)[..., 0]
         factored[redo] = info == 0
         weight = torch.zeros_like(weight).scatter_(1, s_idx, w_s)
@@ -403,6 +396,13 @@ def _search_rows(
     objective = torch.where(factored, objective, torch.inf)  # not factored: keep the start
     new_mask = torch.zeros(n, d, dtype=torch.bool, device=dev).scatter_(1, s_idx, True)
     return weight, new_mask, moves, objective
+
+
+def _factor_supports(h: Tensor, s_idx: Tensor, dampening: float) -> tuple[Tensor, Tensor]:
+    """Batched Cholesky of every row's ``H_SS + δI`` (``[n, k, k]``) and its ``info``."""
+    hss = h[s_idx[:, :, None], s_idx[:, None, :]]
+    hss.diagonal(dim1=1, dim2=2).add_(dampening)
+    return torch.linalg.cholesky_ex(hss)
 
 
 def _row_objective(w: Tensor, h: Tensor, b: Tensor) -> Tensor:
