@@ -4,6 +4,7 @@ rendering on synthetic results, and the prox-phase trace it plots."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -293,3 +294,14 @@ def test_prox_trace_in_stats():
     # Rows are kept where frac_2of4 or lambda moved enough: far fewer than the prox steps.
     assert len(trace) < res.stats.iterations_to_2of4 / 4
     assert "trace" not in prune_weight(w, x.T @ x, "wanda").stats.extra
+
+
+def test_solver_column_names_the_warm_start_the_search_and_its_ridge():
+    default = dataclasses.asdict(RECIPES["default"])
+    text = compare._solver_text("prox+GD", {"solver": default})
+    assert "β 1.1" in text and "mask search 6 rounds x 16 moves;" in text
+    ridged = compare._solver_text("prox+GD", {"solver": {**default, "mask_search_ridge": 0.01}})
+    assert "mask search 6 rounds x 16 moves, ridge 0.01;" in ridged
+    best = compare._solver_text("prox+GD", {"solver": dataclasses.asdict(RECIPES["best"])})
+    assert best.startswith("alps warm start;") and "β" not in best
+    assert compare._solver_text("wanda+GD", {"solver": default}) == "CG 20"

@@ -286,6 +286,30 @@ def test_best_recipe_on_dead_features_and_a_rank_deficient_gram(refine_steps):
     assert_exact_2of4(zero.weight, zero.mask)
 
 
+def test_search_with_a_ridge_minimises_alps_ridged_objective():
+    """``mask_search_ridge``: the search scores masks by ALPS's ridged objective, so its masks
+    have a lower ridged loss than the plain search's and a higher plain local loss (each search
+    is best on its own objective, checked on the exact fp64 refits of both masks); 0 is the
+    plain search bit for bit."""
+    w, h, _ = llm_like_layer(9, d_in=128, d_out=32, n_tokens=96)
+    base = {"recipe": "default", "refine_steps": 0}
+    plain = prune_weight(w, h, "prox", config=base)
+    ridged = prune_weight(w, h, "prox", config={**base, "mask_search_ridge": 0.05})
+    again = prune_weight(w, h, "prox", config={**base, "mask_search_ridge": 0.0})
+    assert torch.equal(again.weight, plain.weight)
+    assert_exact_2of4(ridged.weight, ridged.mask)
+    assert ridged.stats.extra["mask_search"]["ridge"] == 0.05
+    assert not torch.equal(ridged.mask, plain.mask)
+    norm = normalize(h.double())
+    t = norm.to_normalized(w.double())
+    d2 = norm.scale.double().square()
+    hr = norm.gram.double() + torch.diag(0.05 * d2.mean() / d2)  # ALPS's ridge on H̃
+    fits = {k: refit64(t, hr, r.mask) for k, r in (("plain", plain), ("ridged", ridged))}
+    exact = {k: refit64(t, norm.gram, r.mask) for k, r in (("plain", plain), ("ridged", ridged))}
+    assert loss64(fits["ridged"], t, hr) < loss64(fits["plain"], t, hr)
+    assert loss64(exact["plain"], t, norm.gram) < loss64(exact["ridged"], t, norm.gram)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Config
 # --------------------------------------------------------------------------------------------
@@ -303,6 +327,7 @@ def test_best_recipe_settings_and_validation():
         {"mask_search_swaps": 8, "mask_search_candidates": 4},
         {"mask_search_dampening": 0.0},
         {"mask_search_dampening": float("nan")},
+        {"mask_search_ridge": -0.01},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             make_config("prox", {"recipe": "best", **bad})

@@ -446,6 +446,7 @@ def _solver_text(name: str, rec: dict[str, Any]) -> str:
     if s.get("mask_search_rounds"):
         parts.append(
             f"mask search {s['mask_search_rounds']} rounds x {s.get('mask_search_swaps')} moves"
+            + (f", ridge {s['mask_search_ridge']:g}" if s.get("mask_search_ridge") else "")
         )
     parts.append(ref if s.get("refine_steps") else "no refinement")
     return "; ".join(parts)

@@ -24,6 +24,7 @@ from ..ops.gram import lipschitz, normalize, token_scale
 from ..ops.masks import apply_mask, is_2of4
 from ..ops.precision import matmul_precision
 from ..optim.prox24 import LocalProblem, Prox24
+from .alps import alps_coordinates
 from .mask_search import mask_search
 from .methods import METHODS, RECIPES, MethodConfig, ProxConfig, get_method, make_config
 
@@ -271,18 +272,25 @@ class LayerSolve:
         start = time.perf_counter()
         device = self.work.device.type
         loss_before = self.problem.loss(self.work) / self.token_scale
+        ridge = float(self.config.mask_search_ridge)
         with torch.autocast(device_type=device, enabled=False), matmul_precision():
+            target, gram, work = self.problem.target, self.problem.gram, self.work
+            if ridge > 0:
+                # ALPS's ridged objective, in its unit-diagonal coordinates B = W̃ diag(s).
+                target, gram, scale = alps_coordinates(target, self.norm, dampening=ridge)
+                work = work * scale
             found = mask_search(
-                self.problem.target,
-                self.problem.gram,
-                self.work,
+                target,
+                gram,
+                work,
                 self.problem.mask,
                 rounds=rounds,
                 swaps=self.config.mask_search_swaps,
                 candidates=self.config.mask_search_candidates,
                 dampening=self.config.mask_search_dampening,
             )
-        self.work.copy_(found.weight)
+            weight = found.weight / scale if ridge > 0 else found.weight
+        self.work.copy_(weight)
         self.problem.mask = found.mask
         self.problem.cg.clear()
         self.stats.extra["mask_search"] = {
@@ -290,6 +298,7 @@ class LayerSolve:
             "moves": int(found.moves),
             "rows_kept": int(found.rows_kept),
             "dampening": found.dampening,
+            "ridge": ridge,
             "seconds": time.perf_counter() - start,
         }
 

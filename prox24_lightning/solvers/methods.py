@@ -259,6 +259,11 @@ class ProxConfig(MethodConfig):
         mask_search_candidates: groups per row scored exactly each round (``>= swaps``).
         mask_search_dampening: smallest ridge on the unit diagonal of ``H̃`` for the search's
             fp32 inverses (raised tenfold until ``H̃ + δI`` is well enough conditioned).
+        mask_search_ridge: the search's objective gets ALPS's ridge, ``tr((W-Ŵ)(H + ρI)
+            (W-Ŵ)ᵀ)`` with ``ρ = mask_search_ridge · mean(diag H)`` (0 = the local loss itself).
+            It pulls weights of rarely active inputs towards their dense values, so the mask
+            fits small calibration sets less closely; the refinement after the search still
+            minimises the local loss itself.
     """
 
     lambda0: float = 0.01
@@ -277,6 +282,7 @@ class ProxConfig(MethodConfig):
     mask_search_swaps: int = 16
     mask_search_candidates: int = 16
     mask_search_dampening: float = 1e-4
+    mask_search_ridge: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -293,7 +299,7 @@ class ProxConfig(MethodConfig):
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"solver.momentum must be in [0, 1), got {self.momentum}")
         self.require(">= 1", "max_prox_steps", "mask_search_swaps")
-        self.require(">= 0", "mask_search_rounds")
+        self.require(">= 0", "mask_search_rounds", "mask_search_ridge")
         for key in ("switch_at", "tail_from"):
             value = getattr(self, key)
             if not 0.0 < value <= 1.0:
