@@ -22,6 +22,7 @@ another configuration is refused, naming the differences.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import warnings
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -89,6 +91,16 @@ def _is_run_logger(logger: Any) -> bool:
 
 def _is_pruner(class_path: Any) -> bool:
     return str(class_path).rsplit(".", 1)[-1] == "BlockwisePruner"
+
+
+def _is_progress_bar(callback: Any) -> bool:
+    """A callback of the parsed config (``class_path`` + ``init_args``) that is a progress bar."""
+    module, _, name = str(getattr(callback, "class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ProgressBar)
 
 
 def resume_command(argv: list[str]) -> str:
@@ -155,6 +167,10 @@ class Prox24CLI(LightningCLI):
             )
         elif _is_run_logger(trainer.logger) and trainer.logger.init_args.get("save_dir") is None:
             trainer.logger.init_args.save_dir = root
+        if trainer.enable_progress_bar is False and trainer.callbacks:
+            # ``--trainer.enable_progress_bar false`` on a config that lists a bar (demo.yaml):
+            # Lightning refuses the pair, the user asked for no bar.
+            trainer.callbacks = [c for c in trainer.callbacks if not _is_progress_bar(c)]
         if _is_pruner(cfg.model.class_path) and trainer.enable_model_summary is None:
             trainer.enable_model_summary = False  # "Trainable params: 0" says nothing here
 

@@ -96,6 +96,16 @@ def test_shipped_config_stops_after_block_1_and_resumes_with_ckpt_path_last(
     assert (run / "logs" / "metrics.csv").is_file()
 
 
+def test_a_shipped_config_with_its_progress_bar_turned_off_runs(tmp_path, corpus):
+    """demo.yaml lists the block progress bar; ``--trainer.enable_progress_bar false`` drops it
+    (Lightning refuses a bar callback with the bar disabled) and keeps the other callbacks."""
+    model = save_tiny_model(tmp_path / "model", "llama", num_layers=1, max_positions=64)
+    args = _swapped("demo.yaml", model, tmp_path / "run", corpus)
+    cli = cli_main([*args, "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.progress_bar_callback is None
+    assert check_export(tmp_path / "run" / "export").ok
+
+
 def test_resume_command_drops_the_stop_and_adds_ckpt_path():
     argv = ["fit", "--config", "c.yaml", "--trainer.max_epochs", "1", "--model.method=wanda"]
     assert (
