@@ -18,6 +18,7 @@ import toy_experiment as toy  # noqa: E402
 from _common import markdown_table, recipe, round_to_multiple  # noqa: E402
 
 from prox24_lightning.ops import local_loss  # noqa: E402
+from prox24_lightning.solvers import make_config, prune_weight  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,3 +164,25 @@ def test_paired_ppl_bootstraps_every_export_against_the_first(tmp_path, text_fil
     rows = paired_ppl.main([a, b, "--config", str(config), "--max-windows", "5"])
     assert rows[0]["n"] == 5
     assert "95% paired bootstrap" in capsys.readouterr().out
+
+
+def test_bench_solver_scores_every_variant_on_held_out_grams():
+    """``tools/bench_solver.py --heldout``: each row's held-out loss is its weights' local loss
+    on the held-out Gram (in the calibration's token units), and the summary table ranks it."""
+    import bench_solver
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    x_cal, x_val = torch.randn(40, 16, generator=g), torch.randn(80, 16, generator=g)
+    layers = {"block.0.fc": (w, x_cal.T @ x_cal)}
+    variants = {
+        "sparsegpt+cg": ("sparsegpt", make_config("sparsegpt", {"refine": "cg"})),
+        "prox ridge 0.01": ("prox", make_config("prox", {"mask_search_ridge": 0.01})),
+    }
+    rows = bench_solver.run(layers, variants, {"block.0.fc": x_val.T @ x_val}, 40 / 80)
+    for r in rows:
+        method, config = variants[r["variant"]]
+        pruned = prune_weight(w, x_cal.T @ x_cal, method, config=config).weight
+        assert r["heldout"] == pytest.approx(local_loss(pruned, w, x_val.T @ x_val) / 2, rel=1e-6)
+    table = bench_solver.relative_losses(rows, list(variants))
+    assert "held-out loss / sparsegpt+cg" in table and "| sparsegpt+cg | 1.0000 |" in table

@@ -11,15 +11,25 @@ recipes, ``--recipes best`` adds prox with those entries of ``RECIPES`` ("prox b
 SparseGPT+CG in the run every variant's summed local loss is also given relative to it (= 1.000).
 ``--grams FILE`` keeps the captured weights and Grams (captured once, then read).
 
+``--heldout NSAMPLES SEQLEN`` also captures every layer's Gram on that many tokens of the *other*
+half of the text (the evaluation half, dense propagation) and scores every variant's weights on
+it: the held-out local loss ``tr((W-Ŵ) H_val (W-Ŵ)ᵀ)``, scaled to the calibration token count,
+says whether a lower calibration loss carries over to text the solver did not see (the
+perplexity's question, per layer). ``--search-ridge R`` adds every ``--recipes`` variant again
+with ``mask_search_ridge R`` ("prox NAME ridge R").
+
     python tools/bench_solver.py --blocks 0 15 29 --json outputs/bench_solver.json
     python tools/bench_solver.py --blocks 0 15 29 --baselines --methods alps admm --no-prox
     python tools/bench_solver.py --blocks 0 15 29 --baselines --methods alps --no-prox \
         --recipes fast best --grams outputs/grams.pt
+    python tools/bench_solver.py --blocks 2 15 27 --baselines --methods alps --no-prox \
+        --recipes default --search-ridge 0.01 --heldout 64 512
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,16 +46,18 @@ from prox24_lightning.models import (
     load_causal_lm,
     run_block,
 )
+from prox24_lightning.ops import local_loss
 from prox24_lightning.solvers import RECIPES, MethodConfig, make_config, prune_weight
 
 
 def capture_layers(
-    model: str, blocks: list[int], nsamples: int, seqlen: int, batch: int
+    model: str, blocks: list[int], nsamples: int, seqlen: int, batch: int, part: str = "even"
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer: (weight, gram)}`` for the requested blocks, dense propagation, fp32."""
+    """``{layer: (weight, gram)}`` for the requested blocks, dense propagation, fp32, from
+    ``nsamples x seqlen`` packed tokens of the ``part`` half of the offline Wikipedia text."""
     lm, tok = load_causal_lm(model, dtype="float32", cache_dir=True)
     ids = calibration_samples(
-        TextSource(name="wiki_offline", part="even"), tok, nsamples=nsamples, seqlen=seqlen,
+        TextSource(name="wiki_offline", part=part), tok, nsamples=nsamples, seqlen=seqlen,
         mode="packed",
     )  # fmt: skip
     found = find_blocks(lm)
@@ -73,18 +85,28 @@ def capture_layers(
     return out
 
 
-def run(layers, variants: dict[str, tuple[str, MethodConfig]]) -> list[dict]:
+def run(
+    layers,
+    variants: dict[str, tuple[str, MethodConfig]],
+    heldout: dict[str, torch.Tensor] | None = None,
+    heldout_scale: float = 1.0,
+) -> list[dict]:
+    """One row per (layer, variant); with ``heldout`` Grams also ``heldout``, the local loss on
+    them times ``heldout_scale`` (calibration / held-out tokens: the calibration loss's units)."""
     rows = []
     for lname, (w, h) in layers.items():
         for label, (method, cfg) in variants.items():
             r = prune_weight(w, h, method, config=cfg)
             s = r.stats
-            rows.append(
-                dict(layer=lname, variant=label, seconds=s.seconds, gemms=s.gemms,
-                     iterations=s.iterations_to_2of4, loss=s.loss_final)
-            )  # fmt: skip
-            print(f"{lname:40s} {label:14s} {s.seconds:7.2f} s {s.gemms:6d} GEMMs "
-                  f"loss {s.loss_final:.5g}", flush=True)  # fmt: skip
+            row = dict(layer=lname, variant=label, seconds=s.seconds, gemms=s.gemms,
+                       iterations=s.iterations_to_2of4, loss=s.loss_final)  # fmt: skip
+            line = f"{lname:40s} {label:14s} {s.seconds:7.2f} s {s.gemms:6d} GEMMs"
+            line += f" loss {s.loss_final:.5g}"
+            if heldout is not None:
+                row["heldout"] = local_loss(r.weight, w, heldout[lname]) * heldout_scale
+                line += f" held-out {row['heldout']:.5g}"
+            rows.append(row)
+            print(line, flush=True)
     return rows
 
 
@@ -144,36 +166,46 @@ def relative_losses(rows: list[dict], variants: list[str], reference: str = "spa
     the layers each variant wins against it; empty without the reference."""
     if reference not in variants:
         return ""
-    ref = {r["layer"]: r["loss"] for r in rows if r["variant"] == reference}
-    total = sum(ref.values())
-    lines = [
-        "",
-        "",
-        f"| variant | local loss / {reference} | seconds | layers below {reference} |",
-        "|---|---|---|---|",
-    ]
+    keys = ["loss", "heldout"] if all("heldout" in r for r in rows) else ["loss"]
+    ref = {(r["layer"], k): r[k] for r in rows if r["variant"] == reference for k in keys}
+    head = f"| variant | local loss / {reference} | seconds | layers below {reference} |"
+    rule = "|---|---|---|---|"
+    if "heldout" in keys:
+        head += f" held-out loss / {reference} | layers below it held out |"
+        rule += "---|---|"
+    lines = ["", "", head, rule]
     for v in variants:
         sel = [r for r in rows if r["variant"] == v]
-        loss = sum(r["loss"] for r in sel) / max(total, 1e-30)
-        wins = sum(r["loss"] < ref[r["layer"]] for r in sel)
+        cells = []
+        for k in keys:
+            total = sum(ref[(r["layer"], k)] for r in sel)
+            wins = sum(r[k] < ref[(r["layer"], k)] for r in sel)
+            cells.append((sum(r[k] for r in sel) / max(total, 1e-30), wins))
         seconds = sum(r["seconds"] for r in sel)
-        lines.append(f"| {v} | {loss:.3f} | {seconds:.1f} | {wins}/{len(sel)} |")
+        line = f"| {v} | {cells[0][0]:.4f} | {seconds:.1f} | {cells[0][1]}/{len(sel)} |"
+        if len(cells) > 1:
+            line += f" {cells[1][0]:.4f} | {cells[1][1]}/{len(sel)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def load_or_capture(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The layers of ``args.blocks``: read from ``args.grams`` if it holds them, else captured
-    (and saved there when given)."""
-    key = dict(model=args.model, blocks=args.blocks, nsamples=args.nsamples, seqlen=args.seqlen)
-    if args.grams is not None and args.grams.exists():
-        saved = torch.load(args.grams, weights_only=True)
+def load_or_capture(
+    model: str, blocks: list[int], nsamples: int, seqlen: int, part: str, cache: Path | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The layers of ``blocks`` on ``part`` of the text: read from ``cache`` if it holds them,
+    else captured (and saved there when given)."""
+    key = dict(model=model, blocks=blocks, nsamples=nsamples, seqlen=seqlen)
+    if part != "even":
+        key["part"] = part  # caches of the calibration half keep their key
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
         if saved["key"] == key:
             return saved["layers"]
-        print(f"{args.grams} holds other layers ({saved['key']}); capturing", flush=True)
-    layers = capture_layers(args.model, args.blocks, args.nsamples, args.seqlen, batch=8)
-    if args.grams is not None:
-        args.grams.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "layers": layers}, args.grams)
+        print(f"{cache} holds other layers ({saved['key']}); capturing", flush=True)
+    layers = capture_layers(model, blocks, nsamples, seqlen, batch=8, part=part)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "layers": layers}, cache)
     return layers
 
 
@@ -199,11 +231,35 @@ def main() -> None:
         choices=list(RECIPES),
         help="also run prox with these recipes ('prox NAME')",
     )
+    ap.add_argument(
+        "--search-ridge",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also run every --recipes variant with these mask_search_ridge values",
+    )
+    ap.add_argument(
+        "--heldout",
+        type=int,
+        nargs=2,
+        metavar=("NSAMPLES", "SEQLEN"),
+        default=None,
+        help="also score every variant on the Grams of this many tokens of the other half",
+    )
     ap.add_argument("--grams", type=Path, default=None, help="cache file of the captured layers")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     start = time.perf_counter()
-    layers = load_or_capture(args)
+    layers = load_or_capture(
+        args.model, args.blocks, args.nsamples, args.seqlen, "even", args.grams
+    )  # fmt: skip
+    heldout, heldout_scale = None, 1.0
+    if args.heldout is not None:
+        ns, sl = args.heldout
+        cache = None if args.grams is None else args.grams.with_suffix(".heldout.pt")
+        found = load_or_capture(args.model, args.blocks, ns, sl, "odd", cache)
+        heldout = {name: gram for name, (_, gram) in found.items()}
+        heldout_scale = args.nsamples * args.seqlen / (ns * sl)
     variants: dict[str, tuple[str, MethodConfig]] = {}
     if not args.no_prox:
         variants |= {
@@ -212,15 +268,19 @@ def main() -> None:
         }
     for name in args.recipes:
         variants.setdefault(f"prox {name}", ("prox", RECIPES[name]))
+        for ridge in args.search_ridge:
+            ridged = dataclasses.replace(RECIPES[name], mask_search_ridge=ridge)
+            variants[f"prox {name} ridge {ridge:g}"] = ("prox", ridged)
     cg = MethodConfig(refine="cg", refine_steps=50)
     if args.baselines:
         variants |= {"wanda+cg": ("wanda", cg), "sparsegpt+cg": ("sparsegpt", cg)}
     for method in args.methods:
         alone = make_config(method)
         variants |= {method: (method, alone), f"{method}+cg": (method, make_config(method, cg))}
-    rows = run(layers, variants)
+    rows = run(layers, variants, heldout, heldout_scale)
     table = summarise(rows)
-    print(f"\nblocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens, "
+    held = "" if heldout is None else f"; held out {args.heldout[0]}x{args.heldout[1]} tokens"
+    print(f"\nblocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens{held}, "
           f"{torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s in all\n")  # fmt: skip
     print(table)
     if args.json:
