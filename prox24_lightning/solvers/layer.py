@@ -275,6 +275,7 @@ class LayerSolve:
         ridge = float(self.config.mask_search_ridge)
         with torch.autocast(device_type=device, enabled=False), matmul_precision():
             target, gram, work = self.problem.target, self.problem.gram, self.work
+            scale = None
             if ridge > 0:
                 # ALPS's ridged objective, in its unit-diagonal coordinates B = W̃ diag(s).
                 target, gram, scale = alps_coordinates(target, self.norm, dampening=ridge)
@@ -289,7 +290,7 @@ class LayerSolve:
                 candidates=self.config.mask_search_candidates,
                 dampening=self.config.mask_search_dampening,
             )
-            weight = found.weight / scale if ridge > 0 else found.weight
+            weight = found.weight if scale is None else found.weight / scale
         self.work.copy_(weight)
         self.problem.mask = found.mask
         self.problem.cg.clear()
