@@ -297,11 +297,15 @@ def test_prox_trace_in_stats():
 
 
 def test_solver_column_names_the_warm_start_the_search_and_its_ridge():
-    default = dataclasses.asdict(RECIPES["default"])
-    text = compare._solver_text("prox+GD", {"solver": default})
+    search = dataclasses.asdict(RECIPES["search"])
+    text = compare._solver_text("prox+GD", {"solver": search})
     assert "β 1.1" in text and "mask search 6 rounds x 16 moves;" in text
-    ridged = compare._solver_text("prox+GD", {"solver": {**default, "mask_search_ridge": 0.01}})
+    ridged = compare._solver_text("prox+GD", {"solver": {**search, "mask_search_ridge": 0.01}})
     assert "mask search 6 rounds x 16 moves, ridge 0.01;" in ridged
     best = compare._solver_text("prox+GD", {"solver": dataclasses.asdict(RECIPES["best"])})
     assert best.startswith("alps warm start;") and "β" not in best
-    assert compare._solver_text("wanda+GD", {"solver": default}) == "CG 20"
+    assert compare._solver_text("wanda+GD", {"solver": search}) == "CG 20"
+    default = compare._solver_text("prox+GD", {"solver": dataclasses.asdict(RECIPES["default"])})
+    assert (
+        default.startswith("ADMM prox phase, λ0 0.01 / RMS(W̃)") and "ridge 0.01; CG 10" in default
+    )

@@ -82,7 +82,8 @@ def test_llama2_70b_shapes_from_the_config_alone(llama70b):
 
 
 def test_llama2_70b_offload_fits_a_40gb_accelerator(llama70b):
-    plan = plan_run(llama70b, RunSettings(**PAPER, offload=True))
+    """configs/llama2-70b.yaml: the paper recipe, offloaded, fits 40 GB."""
+    plan = plan_run(llama70b, RunSettings(**PAPER, offload=True, solver={"recipe": "paper"}))
     device, host, disk = rows(plan.device), rows(plan.host), rows(plan.disk)
     assert plan.device_peak <= 40 * GB
     # One block of 856M parameters plus an embedding (262M) in bf16 on the device, not the model.
@@ -103,15 +104,19 @@ def test_llama2_70b_offload_fits_a_40gb_accelerator(llama70b):
 
 
 def test_llama2_7b_without_offload_holds_the_model_and_activations_on_the_device(llama7b):
-    plan = plan_run(llama7b, RunSettings(**PAPER))
+    plan = plan_run(llama7b, RunSettings(**PAPER, solver={"recipe": "paper"}))
     device, host = rows(plan.device), rows(plan.host)
     assert device["weights: the whole model"] == llama7b.weight_bytes
     assert round(llama7b.weight_bytes / GB, 1) == 13.5
     assert device["activation cache (one copy)"] == 1024 * 2048 * 4096 * 2
     assert "weights (offloaded model)" not in host
     assert 30 * GB < plan.device_peak < 45 * GB
+    # The default solver's ADMM state on top still fits an 80 GB accelerator.
+    assert plan.device_peak < plan_run(llama7b, RunSettings(**PAPER)).device_peak < 80 * GB
     # offload_activations moves the cache to the host and nothing else.
-    moved = plan_run(llama7b, RunSettings(**PAPER, offload_activations=True))
+    moved = plan_run(
+        llama7b, RunSettings(**PAPER, offload_activations=True, solver={"recipe": "paper"})
+    )
     assert moved.device_peak == plan.device_peak - device["activation cache (one copy)"]
     assert rows(moved.host)["activation cache (one copy)"] == device["activation cache (one copy)"]
     assert moved.disk_needed == plan.disk_needed
@@ -219,3 +224,28 @@ def test_fit_refuses_a_too_small_disk_before_the_model_loads(tmp_path, monkeypat
     assert "(1,234 bytes) free" in message
     assert str(out) in message
     assert not (out / "export").exists() and not list(out.rglob("*.ckpt"))
+
+
+def test_plan_counts_each_methods_own_buffers_and_prints_the_solver_cost(llama70b, llama7b):
+    """The default prox solver's ADMM state (split, dual, ``Y``, eigenvectors, the fp64
+    eigendecomposition's transient) joins the accelerator peak; the solver-cost table lists the
+    run's method and the others with FLOPs, time and buffers, and the exact mask search's cost
+    grows as ``m (n/2)^3`` (a 70B down_proj costs it orders of magnitude more than the default)."""
+    paper = plan_run(llama70b, RunSettings(**PAPER, offload=True, solver={"recipe": "paper"}))
+    default = plan_run(llama70b, RunSettings(**PAPER, offload=True))
+    own = rows(default.device)["prox buffers"]
+    assert "prox buffers" not in rows(paper.device)
+    assert default.device_peak == paper.device_peak + own
+    # The down_proj's eigendecomposition alone: 4 x 8 B x 28672^2.
+    assert own > 4 * 8 * 28672**2
+    labels = [row[0] for row in default.solver_cost]
+    assert labels == ["prox (this run)", "alps (default)", "sparsegpt (default)", "wanda (default)"]
+    table = default.table()
+    assert "Solver cost (estimate" in table and "| alps (default) |" in table
+    cost = {row[0]: row for row in default.solver_cost}
+    # Same order of cost as ALPS (within 25%), far above SparseGPT and Wanda.
+    assert 0.8 < cost["prox (this run)"][1] / cost["alps (default)"][1] < 1.25
+    assert cost["sparsegpt (default)"][1] < cost["prox (this run)"][1] / 5
+    search = plan_run(llama7b, RunSettings(**PAPER, solver={"recipe": "search"}))
+    small = plan_run(llama7b, RunSettings(**PAPER))
+    assert search.solver_cost[0][1] > 8 * small.solver_cost[0][1]

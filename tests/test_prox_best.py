@@ -255,16 +255,16 @@ def test_search_after_the_prox_phase_and_from_sparsegpt():
     assert warm.stats.loss_final < sgpt.stats.loss_final
 
 
-def test_default_prox_is_the_default_recipe_and_beats_alps_and_sparsegpt_refits():
-    """``prune_weight(w, h, "prox")`` runs ``RECIPES["default"]`` (prox phase, then the search)
-    and reaches a lower local loss than ALPS's and SparseGPT's masks with 50 CG steps."""
+def test_search_recipe_beats_alps_and_sparsegpt_refits():
+    """``RECIPES["search"]`` (prox phase, then the exact search) reaches a lower local loss than
+    ALPS's and SparseGPT's masks with 50 CG steps."""
     w, h, _ = llm_like_layer(8, d_in=128, d_out=32)
-    default = prune_weight(w, h, "prox")
-    assert default.stats.iterations_to_2of4 > 0 and default.stats.extra["mask_search"]["moves"] > 0
-    assert torch.equal(default.weight, prune_weight(w, h, "prox", config=RECIPES["default"]).weight)
-    assert_exact_2of4(default.weight, default.mask)
+    search = prune_weight(w, h, "prox", config={"recipe": "search"})
+    assert search.stats.iterations_to_2of4 > 0 and search.stats.extra["mask_search"]["moves"] > 0
+    assert torch.equal(search.weight, prune_weight(w, h, "prox", config=RECIPES["search"]).weight)
+    assert_exact_2of4(search.weight, search.mask)
     for method in ("alps", "sparsegpt"):
-        assert default.stats.loss_final < prune_weight(w, h, method, **CG50).stats.loss_final
+        assert search.stats.loss_final < prune_weight(w, h, method, **CG50).stats.loss_final
 
 
 @pytest.mark.parametrize("refine_steps", [0, 20])
@@ -292,7 +292,7 @@ def test_search_with_a_ridge_minimises_alps_ridged_objective():
     is best on its own objective, checked on the exact fp64 refits of both masks); 0 is the
     plain search bit for bit."""
     w, h, _ = llm_like_layer(9, d_in=128, d_out=32, n_tokens=96)
-    base = {"recipe": "default", "refine_steps": 0}
+    base = {"recipe": "search", "refine_steps": 0}
     plain = prune_weight(w, h, "prox", config=base)
     ridged = prune_weight(w, h, "prox", config={**base, "mask_search_ridge": 0.05})
     again = prune_weight(w, h, "prox", config={**base, "mask_search_ridge": 0.0})

@@ -90,13 +90,16 @@ def run(
     variants: dict[str, tuple[str, MethodConfig]],
     heldout: dict[str, torch.Tensor] | None = None,
     heldout_scale: float = 1.0,
+    n_tokens: int | None = None,
 ) -> list[dict]:
     """One row per (layer, variant); with ``heldout`` Grams also ``heldout``, the local loss on
-    them times ``heldout_scale`` (calibration / held-out tokens: the calibration loss's units)."""
+    them times ``heldout_scale`` (calibration / held-out tokens: the calibration loss's units).
+    ``n_tokens``: the calibration tokens of the Grams, passed to the solver as the pipeline
+    does (it sets the units of an absolute lambda0 and a token-scaled ridge)."""
     rows = []
     for lname, (w, h) in layers.items():
         for label, (method, cfg) in variants.items():
-            r = prune_weight(w, h, method, config=cfg)
+            r = prune_weight(w, h, method, config=cfg, n_tokens=n_tokens)
             s = r.stats
             row = dict(layer=lname, variant=label, seconds=s.seconds, gemms=s.gemms,
                        iterations=s.iterations_to_2of4, loss=s.loss_final)  # fmt: skip
@@ -277,7 +280,7 @@ def main() -> None:
     for method in args.methods:
         alone = make_config(method)
         variants |= {method: (method, alone), f"{method}+cg": (method, make_config(method, cg))}
-    rows = run(layers, variants, heldout, heldout_scale)
+    rows = run(layers, variants, heldout, heldout_scale, args.nsamples * args.seqlen)
     table = summarise(rows)
     held = "" if heldout is None else f"; held out {args.heldout[0]}x{args.heldout[1]} tokens"
     print(f"\nblocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens{held}, "

@@ -435,6 +435,8 @@ def _solver_text(name: str, rec: dict[str, Any]) -> str:
     warm = s.get("warm_start") or "none"
     if warm != "none":  # no prox phase: its schedule does not apply
         parts = [f"{warm} warm start"]
+    elif s.get("prox_solver") == "admm":
+        parts = [f"ADMM prox phase, λ0 {s.get('lambda0'):g}{scale}, β {s.get('beta'):g}"]
     else:
         parts = [f"λ0 {s.get('lambda0'):g}{scale}, β {s.get('beta'):g}"]
         if s.get("momentum"):
@@ -448,6 +450,8 @@ def _solver_text(name: str, rec: dict[str, Any]) -> str:
             f"mask search {s['mask_search_rounds']} rounds x {s.get('mask_search_swaps')} moves"
             + (f", ridge {s['mask_search_ridge']:g}" if s.get("mask_search_ridge") else "")
         )
+    if s.get("ridge"):
+        parts.append(f"ridge {s['ridge']:g}")
     parts.append(ref if s.get("refine_steps") else "no refinement")
     return "; ".join(parts)
 

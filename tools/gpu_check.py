@@ -5,6 +5,11 @@ Runs anywhere from a checkout (``tools/gpu_check.sh`` puts the repository root o
 runs in its own process with its own timeout, writes what it reached as it goes, and a part that
 fails or times out makes the exit status non-zero (the table says which and how far it got):
 
+``methods`` (what users run)
+    The default prox solver (``RECIPES["default"]``), ALPS and SparseGPT on a Llama-2-7B-shaped
+    block (the Grams of ``block``) and on Llama-2-70B's down_proj shape (8192 x 28672, 2^16
+    tokens), layer by layer as ``prune_weight`` runs them: time, peak memory of each method on
+    its own, ADMM iterations and the summed local loss relative to SparseGPT + 50 CG steps.
 ``block`` (Llama-2-7B shapes: d 4096, MLP 11008; q/k/v/o, gate/up, down)
     Grams of the four distinct layer inputs from correlated synthetic activations with an
     LLM-like spectrum (power-law factor variances, log-normal feature scales, a few massive
@@ -23,7 +28,7 @@ fails or times out makes the exit status non-zero (the table says which and how 
     A Wanda-pruned 4096x11008 layer through ``torch.sparse.to_sparse_semi_structured`` against
     the dense bf16 matmul (time, speedup, max difference).
 
-The GPU budget is about 8 minutes in all (the sum of the default timeouts, 440 s, plus process
+The GPU budget is about 8 minutes in all (the sum of the default timeouts, 460 s, plus process
 start-up). ``--dry-run`` runs the same parts on the CPU with every shape divided by 32, 2048 calibration
 tokens and the fast recipe capped at 30 prox iterations; the prox phase runs eagerly there (a CPU user's path) after one full-graph
 trace of the step with the ``eager`` backend. ``tests/test_gpu_check.py`` runs it in CI.
@@ -51,11 +56,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("block", "fit", "offload", "sparse")
-#: Seconds per part on a GPU (sum 440 s: the 8-minute budget with room for start-up).
-TIMEOUTS = {"block": 270, "fit": 90, "offload": 45, "sparse": 35}
+PARTS = ("methods", "block", "fit", "offload", "sparse")
+#: Seconds per part on a GPU (sum 460 s: the 8-minute budget with room for start-up).
+TIMEOUTS = {"methods": 170, "block": 170, "fit": 60, "offload": 35, "sparse": 25}
 #: Seconds per part in the dry run (the CI test allows 180 s in all).
-DRY_TIMEOUTS = {"block": 90, "fit": 60, "offload": 60, "sparse": 30}
+DRY_TIMEOUTS = {"methods": 60, "block": 90, "fit": 60, "offload": 60, "sparse": 30}
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class Scale:
     sparse_tokens: int
     #: cap on the fast recipe's prox iterations (``None``: run it to the end).
     fast_prox_cap: int | None = None
+    #: Llama-2-70B's down_proj (``d_out x d_in``) and its calibration tokens (``methods``).
+    wide: tuple[int, int] = (8192, 28672)
+    wide_tokens: int = 2**16
 
 
 GPU_SCALE = Scale(
@@ -80,7 +88,7 @@ GPU_SCALE = Scale(
 )  # fmt: skip
 DRY_SCALE = Scale(
     d=128, mlp=344, tokens=2048, chunk=1024, paper_prox_cap=8, paper_gd_cap=8, reps=2,
-    sparse_tokens=256, fast_prox_cap=30,
+    sparse_tokens=256, fast_prox_cap=30, wide=(256, 896), wide_tokens=2048,
 )  # fmt: skip
 
 
@@ -158,30 +166,23 @@ def _peak(device: Any) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (CPU)"
 
 
-def part_block(
-    report: Reporter, scale: Scale, device: str, backend: str | None, deadline: float
-) -> None:
-    """The block (see the module docstring). ``backend=None``: the prox phase runs eagerly
-    (the dry run: a CPU user's path) after one full-graph trace with the ``eager`` backend."""
+def block_problem(
+    report: Reporter, scale: Scale, device: str
+) -> tuple[dict[str, tuple[int, int, str]], dict[str, Any], dict[str, Any]]:
+    """``(layers, grams, weights)`` of a Llama-2-7B-shaped block: ``layers`` maps a name to
+    ``(d_out, d_in, input)`` (q/k/v and gate/up share their input, as in the pipeline), the
+    Grams are accumulated in IEEE fp32 (timed; generation untimed), the weights are random."""
     import torch
 
-    from prox24_lightning.ops import GramAccumulator, matmul_precision
-    from prox24_lightning.optim import Prox24
-    from prox24_lightning.optim import functional as F
-    from prox24_lightning.solvers import RECIPES, LayerSolve, make_config, prune_weight
+    from prox24_lightning.ops import GramAccumulator
 
-    torch.manual_seed(0)
     d, mlp = scale.d, scale.mlp
-    # name: (d_out, d_in, input); q/k/v and gate/up share their input, as in the pipeline.
     layers = {
         "q_proj": (d, d, "attn"), "k_proj": (d, d, "attn"), "v_proj": (d, d, "attn"),
         "o_proj": (d, d, "o"), "gate_proj": (mlp, d, "mlp"), "up_proj": (mlp, d, "mlp"),
         "down_proj": (d, mlp, "down"),
     }  # fmt: skip
     inputs = {"attn": d, "o": d, "mlp": d, "down": mlp}
-    report("shapes", f"d {d}, MLP {mlp}, {scale.tokens:,} calibration tokens, {device}")
-
-    # -- Grams: generation untimed, accumulation (IEEE fp32, one GEMM per chunk) timed.
     grams, t_acc, t_gen = {}, 0.0, time.perf_counter()
     for i, (name, width) in enumerate(inputs.items()):
         acc = GramAccumulator(width, device)
@@ -198,6 +199,89 @@ def part_block(
     weights = {
         n: 0.02 * torch.randn(o, i, generator=gen, device=device) for n, (o, i, _) in layers.items()
     }
+    return layers, grams, weights
+
+
+def _reset_peak(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def part_methods(report: Reporter, scale: Scale, device: str, deadline: float) -> None:
+    """What users run (see the module docstring): the default prox solver, ALPS and SparseGPT on
+    the 7B block and on the 70B down_proj shape, each timed with its own peak memory."""
+    import torch
+
+    from prox24_lightning.ops import GramAccumulator
+    from prox24_lightning.solvers import prune_weight
+
+    methods = (
+        ("sparsegpt+cg50", "sparsegpt", {"refine": "cg", "refine_steps": 50}),
+        ("prox default", "prox", {}),
+        ("alps", "alps", {}),
+    )
+    report("7B block", f"d {scale.d}, MLP {scale.mlp}, {scale.tokens:,} tokens, {device}")
+    layers, grams, weights = block_problem(report, scale, device)
+    losses: dict[str, float] = {}
+    for label, method, config in methods:
+        _reset_peak(device)
+        t0, total, iterations = time.perf_counter(), 0.0, []
+        for n, (_, _, inp) in layers.items():
+            res = prune_weight(weights[n], grams[inp], method, config=config,
+                               n_tokens=scale.tokens)  # fmt: skip
+            total += res.stats.loss_final
+            iterations.append(res.stats.iterations_to_2of4)
+        _sync(device)
+        losses[label] = total
+        extra = f", prox iterations {min(iterations)}-{max(iterations)}" if method == "prox" else ""
+        report(f"{label} (7B block)",
+               f"{_fmt_s(time.perf_counter() - t0)}, peak {_peak(device)}{extra}")  # fmt: skip
+    ref = losses["sparsegpt+cg50"]
+    report("7B block: summed local loss / SparseGPT+CG50",
+           ", ".join(f"{k} {v / ref:.3f}" for k, v in losses.items()))  # fmt: skip
+    del grams, weights
+
+    d_out, d_in = scale.wide
+    acc = GramAccumulator(d_in, device)
+    for x in llm_like_chunks(d_in, scale.wide_tokens, scale.chunk, seed=7, device=device):
+        acc.update(x)
+    gram = acc.gram
+    del acc
+    weight = 0.02 * torch.randn(d_out, d_in, generator=torch.Generator(device=device).manual_seed(2),
+                                device=device)  # fmt: skip
+    report("70B down_proj", f"{d_out} x {d_in}, {scale.wide_tokens:,} tokens")
+    for label, method, config in methods:
+        if time.perf_counter() > deadline - 20:
+            report(f"{label} (70B down_proj)", "skipped: time budget", "partial")
+            continue
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        res = prune_weight(weight, gram, method, config=config, n_tokens=scale.wide_tokens)
+        _sync(device)
+        report(f"{label} (70B down_proj)",
+               f"{_fmt_s(time.perf_counter() - t0)}, peak {_peak(device)}, "
+               f"loss {res.stats.loss_final:.4g}")  # fmt: skip
+
+
+def part_block(
+    report: Reporter, scale: Scale, device: str, backend: str | None, deadline: float
+) -> None:
+    """The block (see the module docstring). ``backend=None``: the prox phase runs eagerly
+    (the dry run: a CPU user's path) after one full-graph trace with the ``eager`` backend."""
+    import torch
+
+    from prox24_lightning.ops import matmul_precision
+    from prox24_lightning.optim import Prox24
+    from prox24_lightning.optim import functional as F
+    from prox24_lightning.solvers import RECIPES, LayerSolve, make_config, prune_weight
+
+    torch.manual_seed(0)
+    d, mlp = scale.d, scale.mlp
+    report("shapes", f"d {d}, MLP {mlp}, {scale.tokens:,} calibration tokens, {device}")
+    layers, grams, weights = block_problem(report, scale, device)
 
     def solves(config: Any) -> dict[str, LayerSolve]:
         return {
@@ -454,7 +538,9 @@ def run_part(part: str, args: argparse.Namespace) -> None:
     if args.fail == part:
         report("injected failure", "--fail " + part, "FAILED")
         raise SystemExit(1)
-    if part == "block":
+    if part == "methods":
+        part_methods(report, scale, device, deadline)
+    elif part == "block":
         part_block(report, scale, device, backend, deadline)
     elif part == "fit":
         with tempfile.TemporaryDirectory() as tmp:

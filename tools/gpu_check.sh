@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (issue 12): a Llama-2-7B-shaped block (Grams, prox phase split into GEMM / prox /
+# GPU check: the default prox solver, ALPS and SparseGPT on a Llama-2-7B block and a 70B
+# down_proj shape (time, peak memory, loss); a Llama-2-7B-shaped block (Grams, prox phase split into GEMM / prox /
 # sync, fast and capped paper recipe, Wanda, SparseGPT, peak memory), a bf16-true `prox24 fit`,
 # the CUDA offload test and the 2:4 semi-structured kernel; one table at the end. About 8 minutes
 # of GPU time; every part has its own timeout, and any failed or timed-out part makes the exit

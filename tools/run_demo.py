@@ -3,10 +3,9 @@
 Runs the real CLI twice with configs/demo.yaml (prox, then ``--model.init_args.method wanda``),
 each scoring the dense model before and the pruned one after on the held-out Wikipedia half,
 and prints a summary table with wall times. prox is the project's default solver
-(``RECIPES["default"]``: the prox phase, the exact local mask search, conjugate-gradient
-refinement); Wanda takes the same refinement from the config ("Wanda+GD", the fair comparison).
-Both get 30 CG steps (``DEMO_SCHEDULE``; the recipe's 20 plus ten, as the demo had before the
-default changed). Exports land in outputs/demo/{prox,wanda}/export. ``tools/compare.py`` runs
+(``RECIPES["default"]``: the lambda path with the exact 2:4 prox inside ALPS's ADMM splitting, on
+ALPS's ridged objective, then conjugate-gradient refinement); Wanda takes the same refinement from
+the config ("Wanda+GD", the fair comparison). Both get 30 CG steps (``DEMO_SCHEDULE``). Exports land in outputs/demo/{prox,wanda}/export. ``tools/compare.py`` runs
 every variant.
 """
 

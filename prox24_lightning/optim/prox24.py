@@ -44,6 +44,14 @@ from torch import Tensor
 
 from ..ops.masks import apply_mask, mask_2of4
 from ..ops.precision import matmul_precision
+from .admm import (
+    ADMMPhaseConstants,
+    ADMMPhaseState,
+    Eigenbasis,
+    admm_phase_step,
+    admm_start,
+    use_eigenbasis,
+)
 from .functional import (
     SETTINGS,
     ProxPhaseConstants,
@@ -55,6 +63,9 @@ from .functional import (
 __all__ = ["LocalProblem", "Prox24"]
 
 RefineMethod = Literal["gd", "cg"]
+ProxSolver = Literal["gradient", "admm"]
+#: ``ρ`` updates of the ADMM prox phase every this many iterations (ALPS's schedule).
+ADMM_UPDATE_EVERY = 3
 
 
 @dataclass
@@ -77,6 +88,8 @@ class LocalProblem:
     cg: dict[str, Tensor] = field(default_factory=dict, init=False)
     # Previous prox iterate, for momentum.
     previous: Tensor | None = field(default=None, init=False)
+    # ``H̃ = Q Λ Qᵀ`` for the ADMM prox phase (computed when it starts, dropped when it ends).
+    basis: Eigenbasis | None = field(default=None, init=False)
 
     @property
     def target_gram(self) -> Tensor:
@@ -122,6 +135,10 @@ def _check_hparams(h: dict) -> None:
         raise ValueError(f"refine_steps must be >= 0, got {h['refine_steps']}")
     if h["check_every"] is not None and int(h["check_every"]) < 1:
         raise ValueError(f"check_every must be >= 1 (or None), got {h['check_every']}")
+    if h["prox_solver"] not in ("gradient", "admm"):
+        raise ValueError(f"prox_solver must be 'gradient' or 'admm', got {h['prox_solver']!r}")
+    if not h["rho0"] > 0:
+        raise ValueError(f"rho0 must be > 0, got {h['rho0']}")
 
 
 class Prox24(torch.optim.Optimizer):
@@ -159,6 +176,11 @@ class Prox24(torch.optim.Optimizer):
             CUDA only. A compilation failure warns and falls back to eager.
         prox_tf32: let the prox phase's GEMM use TF32 (off: every product is IEEE fp32, whatever
             the global matmul precision; refinement is always fp32).
+        prox_solver: ``"gradient"`` (the paper's proximal gradient) or ``"admm"`` (the same
+            lambda path inside ALPS's ADMM splitting, :mod:`~prox24_lightning.optim.admm`;
+            ``momentum``, ``beta_tail`` and ``tail_from`` are then unused).
+        rho0: first ADMM penalty (``"admm"`` only).
+        min_prox_steps: the ADMM phase's small-change stop applies from this iteration on.
     """
 
     #: ``torch.compile`` backend of the prox phase (``"eager"`` traces without code generation).
@@ -183,6 +205,9 @@ class Prox24(torch.optim.Optimizer):
         check_every: int | None = None,
         compile: bool | None = None,
         prox_tf32: bool = False,
+        prox_solver: ProxSolver = "gradient",
+        rho0: float = 0.1,
+        min_prox_steps: int = 30,
     ) -> None:
         defaults = dict(
             lambda0=lambda0,
@@ -197,6 +222,9 @@ class Prox24(torch.optim.Optimizer):
             check_every=check_every,
             compile=compile,
             prox_tf32=prox_tf32,
+            prox_solver=prox_solver,
+            rho0=rho0,
+            min_prox_steps=min_prox_steps,
             name=None,
         )
         _check_hparams(defaults)
@@ -207,7 +235,7 @@ class Prox24(torch.optim.Optimizer):
         #: layer name -> its prox-phase counters on the device (the host copy in ``self.state``
         #: is refreshed every ``check_every`` iterations, by :meth:`sync` and before
         #: :meth:`state_dict`).
-        self._device: dict[str, _DeviceProx] = {}
+        self._device: dict[str, _DeviceProx | _DeviceADMM] = {}
         self._compile_failed = False
 
     # -- layers ----------------------------------------------------------------------------------
@@ -280,17 +308,22 @@ class Prox24(torch.optim.Optimizer):
     # -- state helpers --------------------------------------------------------------------------
     def _state(self, p: Tensor) -> dict:
         st = self.state[p]
-        if not st:
-            st.update(
-                phase="prox",
-                prox_steps=0,
-                refine_done=0,
-                lam=0.0,
-                frac_2of4=0.0,
-                forced=0,
-                tail_step=-1,
-                tail_lam=0.0,
-            )
+        # setdefault: state loaded from an older checkpoint gets the keys it lacks.
+        for key, value in dict(
+            phase="prox",
+            prox_steps=0,
+            refine_done=0,
+            lam=0.0,
+            frac_2of4=0.0,
+            forced=0,
+            tail_step=-1,
+            tail_lam=0.0,
+            rho=0.0,
+            admm_hard=0,
+            gemms=0,
+            factorizations=0,
+        ).items():
+            st.setdefault(key, value)
         return st
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -321,7 +354,10 @@ class Prox24(torch.optim.Optimizer):
         """Read every layer's prox-phase counters back to the host now (one read per layer),
         ending the phase of layers whose device state says it has ended."""
         for group in self.param_groups:
-            if group["name"] in self._device:
+            dev = self._device.get(group["name"])
+            if isinstance(dev, _DeviceADMM):
+                self._sync_admm(group["params"][0], group, self.problems[group["name"]], dev)
+            elif dev is not None:
                 self._sync(group["params"][0], group, self.problems[group["name"]])
 
     def phase(self, name: str) -> str:
@@ -383,12 +419,16 @@ class Prox24(torch.optim.Optimizer):
                 grad = problem.gradient(p)
                 p.copy_(apply_mask(p - (1.0 / problem.lipschitz) * grad, problem.mask))
         st["refine_done"] += 1
+        st["gemms"] += 1
         if st["refine_done"] >= group["refine_steps"]:
             st["phase"] = "done"
             problem.cg.clear()
 
     def _prox_iteration(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
         """One call of :func:`prox_phase_step`; the host looks every ``check_every`` calls."""
+        if group["prox_solver"] == "admm":
+            self._admm_iteration(p, group, problem)
+            return
         st = self._state(p)
         dev = self._device.get(group["name"])
         if dev is None:
@@ -407,11 +447,59 @@ class Prox24(torch.optim.Optimizer):
         with matmul_precision(tf32=bool(group.get("prox_tf32", False))):
             w, prev, dev.state = fn(*args, **kwargs)
         p.copy_(w)
+        st["gemms"] += 1
         if momentum:
             problem.previous = prev
         dev.pending += 1
         if dev.pending >= dev.check_every or st["prox_steps"] + dev.pending >= dev.max_steps:
             self._sync(p, group, problem)
+
+    def _admm_iteration(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
+        """One call of :func:`~prox24_lightning.optim.admm.admm_phase_step` (eager: its prox
+        takes the static, sync-free path off the CPU); the host looks every ``check_every``."""
+        st = self._state(p)
+        dev = self._device.get(group["name"])
+        if dev is None:
+            dev = self._device[group["name"]] = _DeviceADMM.start(p, group, problem, st)
+            st["factorizations"] += 1 + (0 if dev.eigen else 1)
+        assert isinstance(dev, _DeviceADMM) and problem.basis is not None
+        update = (dev.calls + 1) % ADMM_UPDATE_EVERY == 0
+        # The host state is exact right after a read: then only the step in force is computed.
+        sparse_step = "either" if dev.pending else ("project" if st["admm_hard"] else "prox")
+        with matmul_precision(tf32=bool(group.get("prox_tf32", False))):
+            b, dev.state = admm_phase_step(
+                p,
+                dev.y,
+                problem.basis,
+                dev.state,
+                dev.const,
+                update=update,
+                eigen=dev.eigen,
+                sparse_step=sparse_step,
+            )
+        p.copy_(b)
+        dev.calls += 1
+        st["gemms"] += 2 if dev.eigen else 1
+        st["factorizations"] += int(update and not dev.eigen)
+        dev.pending += 1
+        if dev.pending >= dev.check_every or st["prox_steps"] + dev.pending >= dev.max_steps:
+            self._sync_admm(p, group, problem, dev)
+
+    def _sync_admm(self, p: Tensor, group: dict, problem: LocalProblem, dev: _DeviceADMM) -> None:
+        """Copy the ADMM counters to the host; once the phase ended, the support is the top two
+        of every group of the last ``B`` (as ALPS projects it) and refinement starts."""
+        step, lam, frac, rho, hard, done = dev.state.values()
+        st = self._state(p)
+        st["prox_steps"], st["lam"], st["frac_2of4"] = int(step), lam, frac
+        st["rho"], st["admm_hard"] = rho, int(hard)
+        dev.pending = 0
+        if done:
+            del self._device[group["name"]]
+            problem.basis = None
+            mask = mask_2of4(p.abs())
+            problem.mask = mask
+            p.copy_(apply_mask(p, mask))
+            st["phase"] = "refine" if group["refine_steps"] > 0 else "done"
 
     def _step_fn(self, p: Tensor, group: dict) -> Callable[..., tuple]:
         use = group.get("compile")
@@ -526,3 +614,51 @@ class _DeviceProx:
             tail_lam=st.get("tail_lam", 0.0),
         )
         return cls(state, const, int(check_every), int(group["max_prox_steps"]))
+
+
+@dataclass
+class _DeviceADMM:
+    """One layer's ADMM prox phase: its split, dual and counters on the device, ``Y = Ŵ̃ H̃``,
+    and the host's bookkeeping."""
+
+    state: ADMMPhaseState
+    const: ADMMPhaseConstants
+    y: Tensor
+    eigen: bool
+    check_every: int
+    max_steps: int
+    #: iterations run (the ``ρ`` schedule's clock) and since the host last read ``state``.
+    calls: int = 0
+    pending: int = 0
+
+    @classmethod
+    def start(cls, p: Tensor, group: dict, problem: LocalProblem, st: dict) -> _DeviceADMM:
+        check_every = group.get("check_every")
+        if check_every is None:
+            check_every = 1 if p.device.type == "cpu" else 10
+        d_out, d_in = p.shape
+        eigen = use_eigenbasis(d_out, d_in, ADMM_UPDATE_EVERY)
+        with matmul_precision():
+            problem.basis = Eigenbasis.of(problem.gram)
+            y = problem.target @ problem.gram
+        step = int(st["prox_steps"])
+        lam = group["lambda0"] * group["beta"] ** step
+        state = admm_start(
+            p,
+            problem.basis,
+            rho0=st["rho"] or group["rho0"],
+            lam=lam,
+            eigen=eigen,
+            step=step,
+            hard=bool(st["admm_hard"]),
+        )
+        const = ADMMPhaseConstants.create(
+            p.device,
+            lambda0=group["lambda0"],
+            beta=group["beta"],
+            switch_at=group["switch_at"],
+            n_kept=p.numel() // 2,
+            max_steps=group["max_prox_steps"],
+            min_steps=group["min_prox_steps"],
+        )
+        return cls(state, const, y, eigen, int(check_every), int(group["max_prox_steps"]), step)

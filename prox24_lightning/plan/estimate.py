@@ -40,10 +40,14 @@ sharing an input; with ``n`` processes (``trainer.devices``) the rank with the l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..pipeline.distributed import assign_layers
+from ..solvers.methods import make_config
 from .shapes import BlockShape, LayerShape, ModelShape
+from .solver_cost import EIGH_TFLOPS, GEMM_TFLOPS, layer_cost
 
 __all__ = [
     "GB",
@@ -81,6 +85,8 @@ class RunSettings:
         world_size: processes (one accelerator each) on this machine.
         eval_tokens: tokens of the evaluation sets (token cache only).
         eval_note: what the evaluation estimate could not count.
+        method: the pruning method (its own buffers join the accelerator peak).
+        solver: its settings (a mapping, as the config's ``solver:``, or a method config).
     """
 
     nsamples: int
@@ -92,6 +98,8 @@ class RunSettings:
     world_size: int = 1
     eval_tokens: int = 0
     eval_note: str = ""
+    method: str = "prox"
+    solver: Any = None
 
     @property
     def activations_on_host(self) -> bool:
@@ -113,6 +121,9 @@ class RunPlan:
     host: list[tuple[str, int, str]] = field(default_factory=list)
     disk: list[tuple[str, int, str]] = field(default_factory=list)
     cache: list[tuple[str, int, str]] = field(default_factory=list)
+    #: ``(method, TFLOP per block, seconds per block, seconds in all, buffer bytes)``, estimated
+    #: for the largest block (``plan/solver_cost.py``); the run's method first.
+    solver_cost: list[tuple[str, float, float, float, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -166,13 +177,33 @@ class RunPlan:
             if total is not None:
                 value = sum(b for _, b, _ in rows)
                 lines.append(f"| {label} | **{total}** | **{value / GB:.1f}** | |")
+        if self.solver_cost:
+            lines += [
+                "",
+                f"Solver cost (estimate; GEMMs at {GEMM_TFLOPS:g} TFLOP/s fp32, eigh at "
+                f"{EIGH_TFLOPS:g} TFLOP/s fp64; plan/solver_cost.py)",
+                "",
+                "| method | TFLOP per block | s per block | h in all | method buffers GB |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for label, tflop, seconds, total, nbytes in self.solver_cost:
+                lines.append(
+                    f"| {label} | {tflop:.3g} | {seconds:.3g} | {total / 3600:.3g} | "
+                    f"{nbytes / GB:.2f} |"
+                )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def _solved_at_once(block: BlockShape, sequential: str, world_size: int) -> list[LayerShape]:
+def _solved_at_once(
+    block: BlockShape,
+    sequential: str,
+    world_size: int,
+    extra: Callable[[list[LayerShape]], int] | None = None,
+) -> list[LayerShape]:
     """The layers of ``block`` one rank holds solver state for at the same time (the largest
-    share: a whole block, or the largest group with ``true_sequential``, split over ranks)."""
+    share: a whole block, or the largest group with ``true_sequential``, split over ranks),
+    sized by the normalised Grams and solver buffers plus ``extra`` (a method's own buffers)."""
     if sequential == "true_sequential" and len(block.groups) > 1:
         candidates = [[block.layer(n) for n in group] for group in block.groups]
     else:
@@ -183,7 +214,7 @@ def _solved_at_once(block: BlockShape, sequential: str, world_size: int) -> list
         owners = assign_layers({x.name: x.d_out * x.d_in**2 for x in layers}, world_size)
         for rank in range(world_size):
             mine = [x for x in layers if owners[x.name] == rank]
-            nbytes = sum(_solve_bytes(x) for x in mine)
+            nbytes = sum(_solve_bytes(x) for x in mine) + (extra(mine) if extra else 0)
             if nbytes > best_bytes:
                 best, best_bytes = mine, nbytes
     return best
@@ -204,16 +235,26 @@ def plan_run(shape: ModelShape, settings: RunSettings, model_name: str = "") -> 
     h = shape.hidden_size
     n_batches = -(-s.nsamples // s.batch_size)
 
+    config = make_config(s.method, s.solver)
+
+    def own_bytes(layers: list[LayerShape]) -> int:
+        """The method's own buffers for ``layers`` solved at once, plus one layer's transient."""
+        costs = [layer_cost(s.method, config, x.d_out, x.d_in) for x in layers]
+        transient = max((c.transient_bytes for c in costs), default=0)
+        return sum(c.buffer_bytes for c in costs) + transient
+
     # The block that needs the most: its (block weights in offload mode +) Grams + solves.
-    def block_need(block: BlockShape) -> tuple[int, int, int, int]:
-        at_once = _solved_at_once(block, s.sequential, world)
+    def block_need(block: BlockShape) -> tuple[int, int, int, int, int]:
+        at_once = _solved_at_once(block, s.sequential, world, own_bytes)
         normalised = sum(4 * x.d_in**2 for x in at_once)
         solver = sum(SOLVER_COPIES * 4 * x.numel for x in at_once)
+        own = own_bytes(at_once)
         weights = block.params * b if s.offload else 0
-        return weights + block.gram_bytes() + normalised + solver, normalised, solver, len(at_once)
+        total = weights + block.gram_bytes() + normalised + solver + own
+        return total, normalised, solver, own, len(at_once)
 
     worst = max(shape.blocks, key=lambda blk: block_need(blk)[0])
-    _, normalised, solver, n_at_once = block_need(worst)
+    _, normalised, solver, own, n_at_once = block_need(worst)
     head = max(shape.embed_params, shape.head_params) * b
     rest = shape.rest_params * b
     if s.offload:
@@ -243,6 +284,16 @@ def plan_run(shape: ModelShape, settings: RunSettings, model_name: str = "") -> 
             f"{SOLVER_COPIES} x 4 B x d_out x d_in for {n_at_once} layers at once",
         )
     )
+    if own:
+        plan.device.append(
+            (
+                f"{s.method} buffers",
+                own,
+                f"its own state for {n_at_once} layers at once + one layer's transient "
+                "(plan/solver_cost.py)",
+            )
+        )
+    plan.solver_cost = _solver_costs(shape, s.method, config, own)
     per_rank_tokens = -(-s.nsamples // world) * s.seqlen
     if not s.activations_on_host:
         plan.device.append(
@@ -336,3 +387,29 @@ def plan_run(shape: ModelShape, settings: RunSettings, model_name: str = "") -> 
     if s.eval_note:
         plan.notes.append(s.eval_note)
     return plan
+
+
+def _solver_costs(
+    shape: ModelShape, method: str, config: Any, own_bytes: int
+) -> list[tuple[str, float, float, float, int]]:
+    """The run's method, then the default prox, ALPS, SparseGPT and Wanda, on the largest block
+    (time per block) and on every block (time in all)."""
+    runs: list[tuple[str, str, Any]] = [(f"{method} (this run)", method, config)]
+    for other in ("prox", "alps", "sparsegpt", "wanda"):
+        other_config = make_config(other)
+        if other != method or other_config != config:
+            runs.append((f"{other} (default)", other, other_config))
+    rows = []
+    for label, name, cfg in runs:
+        per_block = [
+            [layer_cost(name, cfg, x.d_out, x.d_in) for x in block.layers] for block in shape.blocks
+        ]
+        times = [sum(c.seconds() for c in costs) for costs in per_block]
+        worst = max(range(len(times)), key=times.__getitem__) if times else 0
+        costs = per_block[worst] if per_block else []
+        flops = sum(c.flops for c in costs)
+        buffers = sum(c.buffer_bytes for c in costs) + max(
+            (c.transient_bytes for c in costs), default=0
+        )
+        rows.append((label, flops / 1e12, times[worst] if times else 0.0, sum(times), buffers))
+    return rows

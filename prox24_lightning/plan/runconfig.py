@@ -113,5 +113,7 @@ def plan_from_config(run_config: Any) -> RunPlan | None:
         world_size=_world_size(trainer.get("devices", 1)),
         eval_tokens=eval_tokens,
         eval_note=eval_note,
+        method=str(init.get("method") or "prox"),
+        solver=init.get("solver"),
     )
     return plan_run(shape, settings, model_name=spec)

@@ -184,13 +184,36 @@ class LayerSolve:
                 h = h * self.token_scale
             self.norm = normalize(h)
             target = self.norm.to_normalized(weight.detach().to(torch.float32))
-            self.problem = LocalProblem(
-                gram=self.norm.gram, target=target, lipschitz=lipschitz(self.norm.gram)
-            )
+            #: column map of the ridge coordinates (``ProxConfig.ridge``): the problem is solved
+            #: for ``B = W̃ diag(s)``, ``s_j^2 = 1 + ridge_j``; ``None`` without a ridge.
+            self.col_scale: Tensor | None = None
+            ridge = float(getattr(config, "ridge", 0.0) or 0.0)
+            ridge_tokens = getattr(config, "ridge_tokens", None)
+            if ridge > 0 and ridge_tokens is not None and n_tokens is not None:
+                ridge *= int(ridge_tokens) / int(n_tokens)
+            if ridge > 0:
+                self.stats.extra["ridge"] = ridge
+                target_r, gram_r, self.col_scale = alps_coordinates(
+                    target, self.norm, dampening=ridge
+                )
+                self.problem = LocalProblem(
+                    gram=gram_r, target=target_r, lipschitz=lipschitz(gram_r)
+                )
+            else:
+                self.problem = LocalProblem(
+                    gram=self.norm.gram, target=target, lipschitz=lipschitz(self.norm.gram)
+                )
             self._start_point = self.method_class.one_shot(target, self.norm, config)
+            if self.col_scale is not None:
+                if self._start_point is not None:
+                    start_weight, start_mask = self._start_point
+                    self._start_point = (start_weight * self.col_scale, start_mask)
+                # Only the ridged problem is kept: its Gram replaces H̃ in memory.
+                self.norm = dataclasses.replace(self.norm, gram=None)  # type: ignore[arg-type]
         self.stats.dead_features = self.norm.n_dead
         self.stats.extra["lipschitz"] = self.problem.lipschitz
         self._method_done = False
+        self._method_objective = 0.0
         self._trace: list[list[float]] | None = None
         if trace and self._start_point is None:
             self._trace = self.stats.extra["trace"] = []
@@ -211,6 +234,20 @@ class LayerSolve:
         self.name, self.optimizer = name, optimizer
         if mask is not None:
             self._record_method()
+
+    def local_loss(self, work: Tensor) -> float:
+        """The local loss ``tr((W-Ŵ)H(W-Ŵ)ᵀ)`` of the working weight, in the Gram's units.
+
+        With a ridge the problem is ``(B - B̂) G (B - B̂)ᵀ = (W̃ - T)(H̃ + diag(r))(W̃ - T)ᵀ``
+        (``B = W̃ diag(s)``, ``s^2 = 1 + r``), so the local loss is that minus ``sum_ij r_j
+        (W̃ - T)_ij^2``: no second Gram is kept for it.
+        """
+        objective = self.problem.loss(work)
+        if self.col_scale is not None:
+            diff = (work - self.problem.target) / self.col_scale
+            ridge = self.col_scale.square() - 1.0
+            objective -= float((diff.square() * ridge).sum())
+        return objective / self.token_scale
 
     def _layer_state(self) -> dict[str, Any]:
         assert self.optimizer is not None and self.name is not None, "attach() first"
@@ -252,12 +289,14 @@ class LayerSolve:
         self.stats.forced_2of4 = bool(st["forced"])
         cap = getattr(self.config, "max_prox_steps", None)
         self.stats.capped = cap is not None and st["prox_steps"] >= cap
-        self.stats.loss_method = self.problem.loss(self.work) / self.token_scale
-        # Refinement is a descent on a convex problem: a higher loss at its end is fp32 rounding
-        # (e.g. gradient steps from the search's exact refit); result() then keeps this point.
+        self.stats.loss_method = self.local_loss(self.work)
+        # Refinement is a descent on a convex problem: a higher objective at its end is fp32
+        # rounding (e.g. gradient steps from the search's exact refit); result() then keeps this
+        # point.
         self._method_weight = self.work.clone() if self.stats.refine_steps > 0 else None
-        self.stats.loss_mask_only = (
-            self.problem.loss(apply_mask(self.problem.target, self.problem.mask)) / self.token_scale
+        self._method_objective = self.problem.loss(self.work)
+        self.stats.loss_mask_only = self.local_loss(
+            apply_mask(self.problem.target, self.problem.mask)
         )
         self._method_done = True
 
@@ -271,7 +310,7 @@ class LayerSolve:
             return
         start = time.perf_counter()
         device = self.work.device.type
-        loss_before = self.problem.loss(self.work) / self.token_scale
+        loss_before = self.local_loss(self.work)
         ridge = float(self.config.mask_search_ridge)
         with torch.autocast(device_type=device, enabled=False), matmul_precision():
             target, gram, work = self.problem.target, self.problem.gram, self.work
@@ -313,15 +352,19 @@ class LayerSolve:
         mask = self.problem.mask
         assert mask is not None
         with torch.autocast(device_type=self.work.device.type, enabled=False):
-            self.stats.loss_final = self.problem.loss(self.work) / self.token_scale
-            if self._method_weight is not None and self.stats.loss_final > self.stats.loss_method:
+            if (
+                self._method_weight is not None
+                and self.problem.loss(self.work) > self._method_objective
+            ):
                 self.work.copy_(self._method_weight)
-                self.stats.loss_final = self.stats.loss_method
             self._method_weight = None
-            final = apply_mask(self.norm.from_normalized(self.work), mask).to(self.dtype)
+            self.stats.loss_final = self.local_loss(self.work)
+            work = self.work if self.col_scale is None else self.work / self.col_scale
+            final = apply_mask(self.norm.from_normalized(work), mask).to(self.dtype)
             # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
             final = apply_mask(final, mask)
-        self.stats.gemms = st["prox_steps"] + st["refine_done"]
+        self.stats.gemms = st["gemms"]
+        self.stats.extra["factorizations"] = st["factorizations"]
         if not is_2of4(final):  # pragma: no cover - guaranteed by construction
             raise AssertionError("internal error: result is not 2:4")
         self.stats.seconds = time.perf_counter() - self._start

@@ -259,6 +259,22 @@ class ProxConfig(MethodConfig):
         mask_search_candidates: groups per row scored exactly each round (``>= swaps``).
         mask_search_dampening: smallest ridge on the unit diagonal of ``H̃`` for the search's
             fp32 inverses (raised tenfold until ``H̃ + δI`` is well enough conditioned).
+        prox_solver: how the prox phase follows the lambda path: ``gradient`` (the paper's
+            proximal gradient) or ``admm`` (the same path inside ALPS's ADMM splitting, with the
+            exact 2:4 prox as its sparse step and ALPS's ``rho`` schedule;
+            ``optim/admm.py``). ``momentum``, ``beta_tail`` and ``tail_from`` apply to
+            ``gradient`` only.
+        rho0: first ADMM penalty (``admm``).
+        min_prox_steps: the ADMM phase's small-change stop applies from this iteration on.
+        ridge: solve the whole layer (prox phase, search, refinement) on ALPS's ridged
+            objective ``tr((W-Ŵ)(H + δI)(W-Ŵ)ᵀ)``, ``δ = ridge · mean(diag H)`` (0 = the local
+            loss itself, the paper). The ridge pulls the weights of rarely active inputs towards
+            their dense values: a slightly higher calibration loss, a lower loss on text the
+            solver did not see. The stats report the local loss itself.
+        ridge_tokens: the calibration size at which ``ridge`` applies: with the token count
+            ``N`` known (the pipeline passes it) the ridge is ``ridge · ridge_tokens / N``, since
+            ``H`` grows with ``N`` while the ridge acts as a fixed prior (fewer tokens, more
+            overfitting, more ridge); ``null`` uses ``ridge`` at every ``N`` (ALPS's rule).
         mask_search_ridge: the search's objective gets ALPS's ridge, ``tr((W-Ŵ)(H + ρI)
             (W-Ŵ)ᵀ)`` with ``ρ = mask_search_ridge · mean(diag H)`` (0 = the local loss itself).
             It pulls weights of rarely active inputs towards their dense values, so the mask
@@ -283,10 +299,27 @@ class ProxConfig(MethodConfig):
     mask_search_candidates: int = 16
     mask_search_dampening: float = 1e-4
     mask_search_ridge: float = 0.0
+    prox_solver: Literal["gradient", "admm"] = "gradient"
+    rho0: float = 0.1
+    min_prox_steps: int = 30
+    ridge: float = 0.0
+    ridge_tokens: int | None = None
 
     def validate(self) -> None:
         super().validate()
-        self.require("> 0", "lambda0", "mask_search_dampening")
+        self.require("> 0", "lambda0", "mask_search_dampening", "rho0")
+        self.require(">= 0", "min_prox_steps", "ridge")
+        if self.ridge_tokens is not None and int(self.ridge_tokens) < 1:
+            raise ValueError(f"solver.ridge_tokens must be >= 1 (or null), got {self.ridge_tokens}")
+        if self.prox_solver not in ("gradient", "admm"):
+            raise ValueError(
+                f"solver.prox_solver must be 'gradient' or 'admm', got {self.prox_solver!r}"
+            )
+        if self.ridge > 0 and self.mask_search_ridge > 0:
+            raise ValueError(
+                "solver.ridge and solver.mask_search_ridge cannot both be set: with ridge the "
+                "search already runs on the ridged objective"
+            )
         if self.lambda_scale not in ("absolute", "rms"):
             raise ValueError(
                 f"solver.lambda_scale must be 'absolute' or 'rms', got {self.lambda_scale!r}"
@@ -471,27 +504,52 @@ METHODS: dict[str, type[PruningMethod]] = {
 }
 
 
-#: Named prox settings. ``paper`` is the recipe of Kübler et al.: plain proximal gradient with
-#: lambda0 0.01, beta 1.01 until every group is 2:4, then 1000 masked-gradient steps. ``fast``
-#: reaches a lower local loss in about a quarter of the time: (i) momentum 0.9 in the prox phase
-#: (FISTA-style extrapolation; it finds better masks, see the toy experiment), which lets lambda
-#: grow (ii) 1.03x per step, and 1.1x once 90% of the groups are 2:4, from (iii) lambda0 relative
-#: to the RMS of the layer's normalised weights (every layer starts at the same point of its
-#: path; with an absolute lambda0 the quick schedule is too quick for small weights), (iv) the
-#: prox stops at 99.9% (the last groups keep their two largest compensated entries) and (v) 50
-#: conjugate-gradient steps reach the per-row least-squares refit that 1000 gradient steps only
-#: approach. ``default`` is fast's path with a quicker schedule plus the exact local mask search
-#: (what ``method: prox`` runs), ``best`` ALPS's mask plus the search. Measured by
-#: ``tools/bench_solver.py`` on SmolLM2-135M (docs/results.md); ``tests/test_recipes.py`` guards
-#: loss and cost. In YAML: ``solver: {recipe: fast}``.
+#: Named prox settings; in YAML ``solver: {recipe: NAME}``, other keys override the recipe.
+#:
+#: * ``default`` (what ``method: prox`` runs): the paper's lambda path with the exact 2:4 prox,
+#:   run inside ALPS's ADMM splitting (``prox_solver: admm``, ``optim/admm.py``) on ALPS's ridged
+#:   objective (``ridge``), then 10 CG steps on that objective. Per layer: one eigendecomposition,
+#:   a few dozen GEMM iterations, no per-row factorisation, no host sync in an iteration.
+#: * ``paper``: Kübler et al.'s Algorithm 2 as published: plain proximal gradient, lambda0 0.01
+#:   (in the units of 2^21 calibration tokens), beta 1.01 until every group is 2:4, then 1000
+#:   masked-gradient steps.
+#: * ``fast``: proximal gradient with momentum 0.9, lambda0 relative to the RMS of the layer's
+#:   normalised weights, beta 1.03 (1.1 once 90% of the groups are 2:4), the switch at 99.9%,
+#:   then 50 CG steps.
+#: * ``search``: a quicker proximal-gradient path plus the exact local mask search
+#:   (``solvers/mask_search.py``: a ``k x k`` factorisation per row, ``k = d_in / 2``): the lowest
+#:   calibration loss here, at a cost that grows as ``d_out d_in^3``; for small layers.
+#: * ``best``: ALPS's mask (uniform ridge) instead of the prox phase, then the exact search.
+#:
+#: docs/results.md has the measurements behind each.
 RECIPES: dict[str, ProxConfig] = {
-    # ``default``: what ``method: prox`` runs unless a recipe is named. The prox phase on the
-    # fast recipe's path with a quicker schedule (beta 1.1, 1.2 in the tail), then 6 rounds of
-    # the exact local mask search (solvers/mask_search.py) and 20 CG steps. On SmolLM2-135M's
-    # real Grams (blocks 0, 15, 29; 32 x 256 tokens; tools/bench_solver.py --recipes fast
-    # default best) 0.863 of SparseGPT + CG 50's summed local loss, below ALPS's mask with the
-    # exact refit (0.888), in 0.96x the fast recipe's solver time (docs/results.md section 10).
     "default": ProxConfig(
+        prox_solver="admm",
+        ridge=0.005,
+        ridge_tokens=65536,
+        lambda0=0.03,
+        lambda_scale="rms",
+        beta=1.45,
+        switch_at=0.999,
+        max_prox_steps=300,
+        min_prox_steps=30,
+        rho0=0.1,
+        refine="cg",
+        refine_steps=10,
+    ),
+    "paper": ProxConfig(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000),
+    "fast": ProxConfig(
+        lambda0=0.01,
+        lambda_scale="rms",
+        beta=1.03,
+        momentum=0.9,
+        beta_tail=1.1,
+        tail_from=0.9,
+        switch_at=0.999,
+        refine="cg",
+        refine_steps=50,
+    ),
+    "search": ProxConfig(
         lambda0=0.01,
         lambda_scale="rms",
         beta=1.1,
@@ -505,27 +563,6 @@ RECIPES: dict[str, ProxConfig] = {
         refine="cg",
         refine_steps=20,
     ),
-    # The paper's (Algorithm 2): plain proximal gradient, lambda0 0.01 (in the units of 2^21
-    # calibration tokens), beta 1.01 until every group is 2:4, then 1000 masked-gradient steps.
-    "paper": ProxConfig(lambda0=0.01, beta=1.01, momentum=0.0, refine="gd", refine_steps=1000),
-    "fast": ProxConfig(
-        lambda0=0.01,
-        lambda_scale="rms",
-        beta=1.03,
-        momentum=0.9,
-        beta_tail=1.1,
-        tail_from=0.9,
-        switch_at=0.999,
-        refine="cg",
-        refine_steps=50,
-    ),
-    # ``best``: ALPS's mask (uniform ridge) instead of the prox phase, 6 rounds of the exact
-    # local mask search (up to 16 group moves per row and round, each scored with the exact
-    # per-row refit; solvers/mask_search.py), then 20 CG steps on the unridged Gram. On
-    # SmolLM2-135M's real Grams (blocks 0, 15, 29; tools/bench_solver.py --recipes fast best)
-    # 0.848 of SparseGPT + CG 50's summed local loss (fast: 0.928, ALPS + CG 50: 0.888) in 0.9x
-    # fast's solver time (down_proj alone: 1.2x). A prox phase between the warm start and the
-    # search did not lower the loss further. Not the default: the prox phase plays no part.
     "best": ProxConfig(
         lambda_scale="rms",
         warm_start="alps",
