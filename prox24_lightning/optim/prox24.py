@@ -10,6 +10,9 @@ One call of :meth:`Prox24.step` is one iteration and costs one GEMM ``W H̃``:
 
   until every group of 4 has at most two non-zeros; then the support is frozen as the mask ``M``
   (groups with fewer than two non-zeros are filled with their largest entries of ``|Ŵ̃|``);
+  with ``prox_solver="admm"`` the same lambda path runs inside ALPS's ADMM splitting instead
+  (:mod:`~prox24_lightning.optim.admm`), and ``M`` is the top two of every group of its last
+  least-squares iterate;
 * refinement phase on the local loss with ``M`` fixed (paper's equation 5), either plain masked
   gradient steps ``W <- W - M ⊙ (W - Ŵ̃) H̃ / L`` (``refine="gd"``, the paper's recipe) or
   conjugate gradients on the fixed support (``refine="cg"``, same limit: the per-row
@@ -91,13 +94,6 @@ class LocalProblem:
     # ``H̃ = Q Λ Qᵀ`` for the ADMM prox phase (computed when it starts, dropped when it ends).
     basis: Eigenbasis | None = field(default=None, init=False)
 
-    @property
-    def target_gram(self) -> Tensor:
-        """``Ŵ̃ H̃`` (fp32), computed on demand: the iterations do not use it (see
-        :meth:`gradient`), so no weight-sized buffer is kept for it."""
-        with _no_autocast(self.target.device.type), matmul_precision():
-            return self.target @ self.gram
-
     def gradient(self, w: Tensor) -> Tensor:
         """``(W - Ŵ̃) H̃``: one GEMM in IEEE fp32 (also under autocast or a TF32 setting).
 
@@ -172,8 +168,9 @@ class Prox24(torch.optim.Optimizer):
             progress and trace); ``None``: 1 on a CPU (a read is free there, and the progress
             and trace keep their per-iteration resolution), 10 on other devices. The results do
             not depend on it: the iteration is the identity once the phase has ended.
-        compile: run the prox iteration under ``torch.compile(fullgraph=True)``; ``None``: on
-            CUDA only. A compilation failure warns and falls back to eager.
+        compile: run the proximal-gradient iteration under ``torch.compile(fullgraph=True)``;
+            ``None``: on CUDA only. A compilation failure warns and falls back to eager. The
+            ADMM iteration runs eagerly.
         prox_tf32: let the prox phase's GEMM use TF32 (off: every product is IEEE fp32, whatever
             the global matmul precision; refinement is always fp32).
         prox_solver: ``"gradient"`` (the paper's proximal gradient) or ``"admm"`` (the same

@@ -53,7 +53,12 @@ TRACE_MAX_ROWS = 128
 class PruneStats:
     """What happened to one layer. Losses are ``tr((W-Ŵ)H(W-Ŵ)ᵀ)`` for the given Gram ``H``.
 
-    ``extra`` holds ``lipschitz`` and, for prox, ``trace`` (see :data:`TRACE_DFRAC`).
+    ``gemms`` counts the optimizer's ``d_out x d_in`` by ``d_in x d_in`` products (one per
+    proximal-gradient iteration and refinement step, one or two per ADMM iteration); a one-shot
+    method's own work (SparseGPT's, ALPS's) is not in it. ``extra`` holds ``lipschitz``,
+    ``factorizations`` (``d_in x d_in`` eigendecompositions and inverses of the ADMM phase, and
+    the exact mask search's per-row factorisations), ``ridge`` (the ridge in force, when there
+    is one) and, for prox, ``trace`` (see :data:`TRACE_DFRAC`).
     """
 
     method: str
@@ -214,6 +219,9 @@ class LayerSolve:
         self.stats.extra["lipschitz"] = self.problem.lipschitz
         self._method_done = False
         self._method_objective = 0.0
+        #: the exact mask search's factorisations: its shared inverse and one per row (at least:
+        #: drifted rows are factored again).
+        self._search_factorizations = 0
         self._trace: list[list[float]] | None = None
         if trace and self._start_point is None:
             self._trace = self.stats.extra["trace"] = []
@@ -331,6 +339,7 @@ class LayerSolve:
             )
             weight = found.weight if scale is None else found.weight / scale
         self.work.copy_(weight)
+        self._search_factorizations = 1 + int(self.work.shape[0])
         self.problem.mask = found.mask
         self.problem.cg.clear()
         self.stats.extra["mask_search"] = {
@@ -364,7 +373,7 @@ class LayerSolve:
             # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
             final = apply_mask(final, mask)
         self.stats.gemms = st["gemms"]
-        self.stats.extra["factorizations"] = st["factorizations"]
+        self.stats.extra["factorizations"] = st["factorizations"] + self._search_factorizations
         if not is_2of4(final):  # pragma: no cover - guaranteed by construction
             raise AssertionError("internal error: result is not 2:4")
         self.stats.seconds = time.perf_counter() - self._start

@@ -243,8 +243,9 @@ class ProxConfig(MethodConfig):
         tail_from: where ``beta_tail`` takes over, in ``(0, 1]``.
         check_every: prox iterations between host reads of the 2:4 fraction (``None``: 1 on a
             CPU, 10 on a GPU); results do not depend on it (see ``Prox24``).
-        compile: run the prox iteration under ``torch.compile(fullgraph=True)`` (``None``: on
-            CUDA only).
+        compile: run the proximal-gradient iteration under ``torch.compile(fullgraph=True)``
+            (``None``: on CUDA only). The ADMM iteration runs eagerly (it traces whole too; see
+            ``tests/test_prox_admm.py``), its prox on the static, sync-free path off the CPU.
         prox_tf32: allow TF32 in the prox phase's GEMM (refinement and Grams stay IEEE fp32).
         warm_start: ``none`` (the prox phase starts from the dense ``Ŵ̃``, the paper) or the
             one-shot method whose 2:4 weights replace the prox phase: ``alps`` (ALPS with the
