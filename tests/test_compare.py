@@ -306,6 +306,5 @@ def test_solver_column_names_the_warm_start_the_search_and_its_ridge():
     assert best.startswith("alps warm start;") and "β" not in best
     assert compare._solver_text("wanda+GD", {"solver": search}) == "CG 20"
     default = compare._solver_text("prox+GD", {"solver": dataclasses.asdict(RECIPES["default"])})
-    assert (
-        default.startswith("ADMM prox phase, λ0 0.01 / RMS(W̃)") and "ridge 0.01; CG 10" in default
-    )
+    assert default.startswith("ADMM prox phase, λ0 0.03 / RMS(W̃), β 1.45")
+    assert default.endswith("ridge 0.005; CG 10")

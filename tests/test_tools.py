@@ -177,12 +177,16 @@ def test_bench_solver_scores_every_variant_on_held_out_grams():
     layers = {"block.0.fc": (w, x_cal.T @ x_cal)}
     variants = {
         "sparsegpt+cg": ("sparsegpt", make_config("sparsegpt", {"refine": "cg"})),
-        "prox ridge 0.01": ("prox", make_config("prox", {"mask_search_ridge": 0.01})),
+        "prox search ridge 0.01": (
+            "prox",
+            make_config("prox", {"recipe": "search", "mask_search_ridge": 0.01}),
+        ),
+        "prox default": ("prox", make_config("prox", {})),
     }
-    rows = bench_solver.run(layers, variants, {"block.0.fc": x_val.T @ x_val}, 40 / 80)
+    rows = bench_solver.run(layers, variants, {"block.0.fc": x_val.T @ x_val}, 40 / 80, 40)
     for r in rows:
         method, config = variants[r["variant"]]
-        pruned = prune_weight(w, x_cal.T @ x_cal, method, config=config).weight
+        pruned = prune_weight(w, x_cal.T @ x_cal, method, config=config, n_tokens=40).weight
         assert r["heldout"] == pytest.approx(local_loss(pruned, w, x_val.T @ x_val) / 2, rel=1e-6)
     table = bench_solver.relative_losses(rows, list(variants))
     assert "held-out loss / sparsegpt+cg" in table and "| sparsegpt+cg | 1.0000 |" in table

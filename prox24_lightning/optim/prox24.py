@@ -47,28 +47,14 @@ from torch import Tensor
 
 from ..ops.masks import apply_mask, mask_2of4
 from ..ops.precision import matmul_precision
-from .admm import (
-    ADMMPhaseConstants,
-    ADMMPhaseState,
-    Eigenbasis,
-    admm_phase_step,
-    admm_start,
-    use_eigenbasis,
-)
-from .functional import (
-    SETTINGS,
-    ProxPhaseConstants,
-    ProxPhaseState,
-    compiled_prox_phase_step,
-    prox_phase_step,
-)
+from .admm import Eigenbasis, admm_phase_step
+from .device_state import ADMM_UPDATE_EVERY, DeviceADMM, DeviceProx
+from .functional import compiled_prox_phase_step, prox_phase_step
 
 __all__ = ["LocalProblem", "Prox24"]
 
 RefineMethod = Literal["gd", "cg"]
 ProxSolver = Literal["gradient", "admm"]
-#: ``ρ`` updates of the ADMM prox phase every this many iterations (ALPS's schedule).
-ADMM_UPDATE_EVERY = 3
 
 
 @dataclass
@@ -232,7 +218,7 @@ class Prox24(torch.optim.Optimizer):
         #: layer name -> its prox-phase counters on the device (the host copy in ``self.state``
         #: is refreshed every ``check_every`` iterations, by :meth:`sync` and before
         #: :meth:`state_dict`).
-        self._device: dict[str, _DeviceProx | _DeviceADMM] = {}
+        self._device: dict[str, DeviceProx | DeviceADMM] = {}
         self._compile_failed = False
 
     # -- layers ----------------------------------------------------------------------------------
@@ -352,7 +338,7 @@ class Prox24(torch.optim.Optimizer):
         ending the phase of layers whose device state says it has ended."""
         for group in self.param_groups:
             dev = self._device.get(group["name"])
-            if isinstance(dev, _DeviceADMM):
+            if isinstance(dev, DeviceADMM):
                 self._sync_admm(group["params"][0], group, self.problems[group["name"]], dev)
             elif dev is not None:
                 self._sync(group["params"][0], group, self.problems[group["name"]])
@@ -429,7 +415,7 @@ class Prox24(torch.optim.Optimizer):
         st = self._state(p)
         dev = self._device.get(group["name"])
         if dev is None:
-            dev = self._device[group["name"]] = _DeviceProx.start(p, group, problem, st)
+            dev = self._device[group["name"]] = DeviceProx.start(p, group, problem, st)
         momentum = group["momentum"] > 0
         if momentum and problem.previous is None:
             # Before the first iteration Y = W_k (W_k - W_{k-1} taken as zero).
@@ -444,7 +430,6 @@ class Prox24(torch.optim.Optimizer):
         with matmul_precision(tf32=bool(group.get("prox_tf32", False))):
             w, prev, dev.state = fn(*args, **kwargs)
         p.copy_(w)
-        st["gemms"] += 1
         if momentum:
             problem.previous = prev
         dev.pending += 1
@@ -457,9 +442,9 @@ class Prox24(torch.optim.Optimizer):
         st = self._state(p)
         dev = self._device.get(group["name"])
         if dev is None:
-            dev = self._device[group["name"]] = _DeviceADMM.start(p, group, problem, st)
+            dev = self._device[group["name"]] = DeviceADMM.start(p, group, problem, st)
             st["factorizations"] += 1 + (0 if dev.eigen else 1)
-        assert isinstance(dev, _DeviceADMM) and problem.basis is not None
+        assert isinstance(dev, DeviceADMM) and problem.basis is not None
         update = (dev.calls + 1) % ADMM_UPDATE_EVERY == 0
         # The host state is exact right after a read: then only the step in force is computed.
         sparse_step = "either" if dev.pending else ("project" if st["admm_hard"] else "prox")
@@ -476,18 +461,23 @@ class Prox24(torch.optim.Optimizer):
             )
         p.copy_(b)
         dev.calls += 1
-        st["gemms"] += 2 if dev.eigen else 1
-        st["factorizations"] += int(update and not dev.eigen)
         dev.pending += 1
         if dev.pending >= dev.check_every or st["prox_steps"] + dev.pending >= dev.max_steps:
             self._sync_admm(p, group, problem, dev)
 
-    def _sync_admm(self, p: Tensor, group: dict, problem: LocalProblem, dev: _DeviceADMM) -> None:
+    def _sync_admm(self, p: Tensor, group: dict, problem: LocalProblem, dev: DeviceADMM) -> None:
         """Copy the ADMM counters to the host; once the phase ended, the support is the top two
         of every group of the last ``B`` (as ALPS projects it) and refinement starts."""
         step, lam, frac, rho, hard, done = dev.state.values()
         st = self._state(p)
-        st["prox_steps"], st["lam"], st["frac_2of4"] = int(step), lam, frac
+        # Work of the iterations the device ran (calls after the stop change nothing): GEMMs,
+        # and an inverse rebuilt at every ``ρ`` update unless it is applied through ``Q``.
+        before, after = st["prox_steps"], int(step)
+        st["gemms"] += (after - before) * (2 if dev.eigen else 1)
+        if not dev.eigen:
+            updates = after // ADMM_UPDATE_EVERY - before // ADMM_UPDATE_EVERY
+            st["factorizations"] += updates
+        st["prox_steps"], st["lam"], st["frac_2of4"] = after, lam, frac
         st["rho"], st["admm_hard"] = rho, int(hard)
         dev.pending = 0
         if done:
@@ -529,6 +519,8 @@ class Prox24(torch.optim.Optimizer):
             return
         values = dev.state.values()
         st = self._state(p)
+        # One GEMM per iteration the device ran (calls after the phase ended change nothing).
+        st["gemms"] += int(values[0]) - st["prox_steps"]
         st["prox_steps"], st["lam"], st["frac_2of4"] = int(values[0]), values[1], values[2]
         st["tail_step"], st["tail_lam"] = int(values[3]), values[4]
         dev.pending = 0
@@ -580,82 +572,3 @@ class Prox24(torch.optim.Optimizer):
         cg["rr"] = rr_new
         # Keep pruned entries exactly +0.0 (rounding in add_ could leave -0.0 otherwise).
         p.copy_(apply_mask(p, mask))
-
-
-@dataclass
-class _DeviceProx:
-    """One layer's prox-phase counters and settings on its device, and the host's bookkeeping."""
-
-    state: ProxPhaseState
-    const: ProxPhaseConstants
-    check_every: int
-    max_steps: int
-    #: iterations run since the host last read ``state``.
-    pending: int = 0
-
-    @classmethod
-    def start(cls, p: Tensor, group: dict, problem: LocalProblem, st: dict) -> _DeviceProx:
-        """From the host state (a fresh layer or one resumed from a checkpoint)."""
-        check_every = group.get("check_every")
-        if check_every is None:
-            check_every = 1 if p.device.type == "cpu" else 10
-        const = ProxPhaseConstants.create(
-            p.device, lipschitz=problem.lipschitz, **{k: group[k] for k in SETTINGS}
-        )
-        state = ProxPhaseState.create(
-            p.device,
-            step=st["prox_steps"],
-            lam=st["lam"],
-            frac=st["frac_2of4"],
-            tail_step=st.get("tail_step", -1),
-            tail_lam=st.get("tail_lam", 0.0),
-        )
-        return cls(state, const, int(check_every), int(group["max_prox_steps"]))
-
-
-@dataclass
-class _DeviceADMM:
-    """One layer's ADMM prox phase: its split, dual and counters on the device, ``Y = Ŵ̃ H̃``,
-    and the host's bookkeeping."""
-
-    state: ADMMPhaseState
-    const: ADMMPhaseConstants
-    y: Tensor
-    eigen: bool
-    check_every: int
-    max_steps: int
-    #: iterations run (the ``ρ`` schedule's clock) and since the host last read ``state``.
-    calls: int = 0
-    pending: int = 0
-
-    @classmethod
-    def start(cls, p: Tensor, group: dict, problem: LocalProblem, st: dict) -> _DeviceADMM:
-        check_every = group.get("check_every")
-        if check_every is None:
-            check_every = 1 if p.device.type == "cpu" else 10
-        d_out, d_in = p.shape
-        eigen = use_eigenbasis(d_out, d_in, ADMM_UPDATE_EVERY)
-        with matmul_precision():
-            problem.basis = Eigenbasis.of(problem.gram)
-            y = problem.target @ problem.gram
-        step = int(st["prox_steps"])
-        lam = group["lambda0"] * group["beta"] ** step
-        state = admm_start(
-            p,
-            problem.basis,
-            rho0=st["rho"] or group["rho0"],
-            lam=lam,
-            eigen=eigen,
-            step=step,
-            hard=bool(st["admm_hard"]),
-        )
-        const = ADMMPhaseConstants.create(
-            p.device,
-            lambda0=group["lambda0"],
-            beta=group["beta"],
-            switch_at=group["switch_at"],
-            n_kept=p.numel() // 2,
-            max_steps=group["max_prox_steps"],
-            min_steps=group["min_prox_steps"],
-        )
-        return cls(state, const, y, eigen, int(check_every), int(group["max_prox_steps"]), step)
