@@ -42,8 +42,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ..ops.masks import apply_mask, mask_2of4
-from ..ops.prox import group_view, prox_2of4
+from ..ops.masks import apply_mask, groups_2of4_fraction, mask_2of4
+from ..ops.prox import prox_2of4
 
 SparseStep = Literal["prox", "project", "either"]
 
@@ -166,11 +166,6 @@ class ADMMPhaseState(NamedTuple):
         return torch.stack([*parts, self.hard.double(), self.done.double()]).tolist()
 
 
-def _frac_2of4(x: Tensor, real: torch.dtype) -> Tensor:
-    nnz = (group_view(x) != 0).sum(-1)
-    return (nnz <= 2).sum().to(real) / max(nnz.numel(), 1)
-
-
 def admm_start(
     b: Tensor,
     basis: Eigenbasis,
@@ -196,7 +191,7 @@ def admm_start(
         step=torch.tensor(int(step), dtype=torch.int64, device=device),
         lam=torch.tensor(0.0, dtype=torch.float64, device=device),
         rho=rho,
-        frac=_frac_2of4(d, torch.float64),
+        frac=groups_2of4_fraction(d),
         hard=flag,
         grown=torch.zeros((), dtype=torch.bool, device=device),
         done=torch.zeros((), dtype=torch.bool, device=device),
@@ -242,7 +237,7 @@ def admm_phase_step(
         soft = prox_2of4(z, (lam / rho).to(dtype))
         # The prox keeps the order of every group: its top two are those of z.
         keep = mask_2of4(soft.abs())
-        frac = _frac_2of4(soft, torch.float64)
+        frac = groups_2of4_fraction(soft)
         d_new = soft
     if sparse_step != "prox":
         keep_z = mask_2of4(z.abs())

@@ -42,7 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..ops.prox import group_view, prox_2of4
+from ..ops.masks import groups_2of4_fraction
+from ..ops.prox import prox_2of4
 
 __all__ = [
     "SETTINGS",
@@ -203,9 +204,7 @@ def prox_phase_step(
     point = w + const.momentum * (w - previous) if momentum else w
     grad = (point - target) @ gram
     new = prox_2of4(point - const.inv_l * grad, lam * const.inv_l)
-    nnz = (group_view(new) != 0).sum(-1)
-    # An exact count, not a float mean: a float32 mean of 0/1 values rounds beyond 2^24 groups.
-    frac = (nnz <= 2).sum().to(const.lambda0.dtype) / max(nnz.numel(), 1)
+    frac = groups_2of4_fraction(new, const.lambda0.dtype)
     step = k + 1
     done = (frac >= const.switch_at) | (step >= const.max_steps)
     out = ProxPhaseState(

@@ -243,14 +243,16 @@ class LayerSolve:
         if mask is not None:
             self._record_method()
 
-    def local_loss(self, work: Tensor) -> float:
+    def local_loss(self, work: Tensor, objective: float | None = None) -> float:
         """The local loss ``tr((W-Ŵ)H(W-Ŵ)ᵀ)`` of the working weight, in the Gram's units.
 
         With a ridge the problem is ``(B - B̂) G (B - B̂)ᵀ = (W̃ - T)(H̃ + diag(r))(W̃ - T)ᵀ``
         (``B = W̃ diag(s)``, ``s^2 = 1 + r``), so the local loss is that minus ``sum_ij r_j
-        (W̃ - T)_ij^2``: no second Gram is kept for it.
+        (W̃ - T)_ij^2``: no second Gram is kept for it. ``objective``: ``problem.loss(work)``
+        when the caller has it (it costs a GEMM).
         """
-        objective = self.problem.loss(work)
+        if objective is None:
+            objective = self.problem.loss(work)
         if self.col_scale is not None:
             diff = (work - self.problem.target) / self.col_scale
             ridge = self.col_scale.square() - 1.0
@@ -297,12 +299,12 @@ class LayerSolve:
         self.stats.forced_2of4 = bool(st["forced"])
         cap = getattr(self.config, "max_prox_steps", None)
         self.stats.capped = cap is not None and st["prox_steps"] >= cap
-        self.stats.loss_method = self.local_loss(self.work)
         # Refinement is a descent on a convex problem: a higher objective at its end is fp32
         # rounding (e.g. gradient steps from the search's exact refit); result() then keeps this
         # point.
-        self._method_weight = self.work.clone() if self.stats.refine_steps > 0 else None
         self._method_objective = self.problem.loss(self.work)
+        self.stats.loss_method = self.local_loss(self.work, self._method_objective)
+        self._method_weight = self.work.clone() if self.stats.refine_steps > 0 else None
         self.stats.loss_mask_only = self.local_loss(
             apply_mask(self.problem.target, self.problem.mask)
         )
@@ -361,13 +363,12 @@ class LayerSolve:
         mask = self.problem.mask
         assert mask is not None
         with torch.autocast(device_type=self.work.device.type, enabled=False):
-            if (
-                self._method_weight is not None
-                and self.problem.loss(self.work) > self._method_objective
-            ):
+            objective = self.problem.loss(self.work)
+            if self._method_weight is not None and objective > self._method_objective:
                 self.work.copy_(self._method_weight)
+                objective = self._method_objective
             self._method_weight = None
-            self.stats.loss_final = self.local_loss(self.work)
+            self.stats.loss_final = self.local_loss(self.work, objective)
             work = self.work if self.col_scale is None else self.work / self.col_scale
             final = apply_mask(self.norm.from_normalized(work), mask).to(self.dtype)
             # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
