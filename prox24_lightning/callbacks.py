@@ -26,7 +26,16 @@ from torch import Tensor
 
 from .artifacts import atomic_write, load_masks, save_masks, write_export, write_json
 from .faults import maybe_fail
-from .reports import build_report, format_table, library_versions
+from .reports import (
+    LAYER_COLUMNS,
+    build_report,
+    evaluated_sets,
+    evaluation_data,
+    format_summary,
+    format_table,
+    layer_csv_rows,
+    library_versions,
+)
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -141,6 +150,10 @@ def warn_about_checkpoint_callbacks(trainer: L.Trainer) -> None:
 class BlockProgressBar(TQDMProgressBar):
     """The progress bar of a pruning run: ``block k/N`` instead of ``Epoch k``."""
 
+    @property
+    def train_description(self) -> str:
+        return "pruning"  # until the first block's "block 1/N"; not Lightning's "Training"
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         # As TQDMProgressBar's, with "block k/N" as the description from the start.
         if self._leave:
@@ -158,19 +171,43 @@ class BlockProgressBar(TQDMProgressBar):
         return {k: v for k, v in items.items() if k != "v_num" and not k.startswith("layer/")}
 
 
+#: Column order of ``metrics.csv``: Lightning's position columns, then a layer's row
+#: (:data:`~.reports.LAYER_COLUMNS`); other metrics follow alphabetically.
+_CSV_ORDER = ("step", "epoch", *LAYER_COLUMNS)
+
+
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, but a resumed run appends to ``metrics.csv`` (the stock writer
-    deletes it when the folder exists) and keeps the earlier columns."""
+    deletes it when the folder exists) and keeps the earlier columns, in :data:`_CSV_ORDER`
+    (the stock writer sorts them, which scatters a layer's row)."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+                # As written: appended rows must follow the file's own header.
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _record_new_keys(self) -> set[str]:
+        new = set().union(*self.metrics) - set(self.metrics_keys)
+        if new:
+            keys = set(self.metrics_keys) | new
+            lead = [k for k in _CSV_ORDER if k in keys]
+            self.metrics_keys[:] = lead + sorted(keys - set(lead))
+        return new
 
 
 class RunLogger(CSVLogger):
     """Metrics of a pruning run in ``<save_dir>/logs/metrics.csv``: no ``version_N`` folder, so a
     rerun of the same command (``--ckpt_path last``) continues in the same run folder.
+
+    The file is in long format, one row per pruned layer, written when its block is done (every
+    block, whatever ``log_every_n_steps``; a resumed run appends): ``step`` (the block index),
+    ``block``, ``layer``, ``d_out``, ``d_in``, ``sparsity``, ``is_2of4`` and ``capped`` (0/1),
+    ``iterations_to_2of4``, ``final_lambda``, ``loss_method`` (before refinement),
+    ``loss_final``, ``dead_features``, ``gemms`` and ``own_seconds`` (the layer's share of its
+    block's solver time, see :func:`~.reports.own_seconds`). A spreadsheet filters or pivots it
+    by block or layer, and a block's sums are its totals. Whatever else Lightning logs
+    (``--evaluate`` perplexities, a finetuning loss) gets rows of its own, ``layer`` empty.
 
     Args:
         save_dir: the run folder (``null``: the CLI puts ``trainer.default_root_dir``).
@@ -186,6 +223,14 @@ class RunLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @rank_zero_only
+    def log_layers(self, block: int, layers: dict[str, dict[str, Any]]) -> None:
+        """Write a finished block's layers (their report rows), one row each, at once: a crash
+        later in the run keeps them."""
+        for row in layer_csv_rows(layers):
+            self.experiment.log_metrics(row, step=block)
+        self.save()
 
 
 def install_pruning_callbacks(trainer: L.Trainer) -> list[L.Callback]:
@@ -306,18 +351,21 @@ class ExportPruned(L.Callback):
     The folder holds dense weights with exact ``+0.0`` zeros (loads anywhere as a normal model;
     nothing 2:4-specific is written into ``config.json``), ``masks.safetensors`` (bit-packed) and
     ``sparsity_report.json`` (per layer: sparsity, is-2:4, iterations, lambda, local losses,
-    seconds, for prox the prox phase's ``trace`` of ``[step, lambda, frac_2of4]`` rows; plus the
-    run's config and library versions). It is written to a temporary folder
-    and renamed, then verified with :func:`~prox24_lightning.artifacts.check_export`.
+    seconds and own seconds, for prox the prox phase's ``trace`` of ``[step, lambda, frac_2of4]``
+    rows; plus the run's config and library versions; the evaluation sets and perplexities of
+    the evaluations that ran, merged by :meth:`update_report`). It is written to a temporary
+    folder and renamed, then verified with :func:`~prox24_lightning.artifacts.check_export`.
+    The console gets the run's summary; the per-layer table is in the report (a model has
+    hundreds of layers, and the blocks had their console line as they finished).
 
     Args:
         dirpath: export folder (default: ``<trainer.default_root_dir>/export``).
         overwrite: replace an existing export instead of refusing.
-        print_table: print the per-layer sparsity table at the end.
+        print_table: also print the per-layer table at the end.
     """
 
     def __init__(
-        self, dirpath: str | None = None, overwrite: bool = False, print_table: bool = True
+        self, dirpath: str | None = None, overwrite: bool = False, print_table: bool = False
     ) -> None:
         self._dirpath = Path(dirpath) if dirpath else None
         self.overwrite = overwrite
@@ -326,6 +374,8 @@ class ExportPruned(L.Callback):
         #: the full run config (set by the ``prox24`` CLI), recorded in the report.
         self.run_config: dict[str, Any] | None = None
         self._root: Path | None = None
+        #: the run's data module: :meth:`update_report` records the evaluation sets that ran.
+        self._datamodule: Any = None
 
     @property
     def dirpath(self) -> Path:
@@ -337,12 +387,14 @@ class ExportPruned(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._root = Path(trainer.default_root_dir)
+        self._datamodule = trainer.datamodule
         # Refuse before hours of work, not after: an existing export is never silently replaced.
         if stage == "fit" and not self.overwrite and self.dirpath.exists():
             if trainer.ckpt_path is None and any(self.dirpath.iterdir()):
                 raise FileExistsError(
-                    f"{self.dirpath} already holds an export (or other files); set overwrite: "
-                    "true on ExportPruned or choose another dirpath"
+                    f"{self.dirpath} already holds an export (or other files); start over with "
+                    "--overwrite true (or overwrite: true on ExportPruned), or choose another "
+                    "dirpath"
                 )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -379,14 +431,31 @@ class ExportPruned(L.Callback):
         rank_zero_info(f"export written to {self.dirpath}: {verdict}")
         if self.print_table:
             print(format_table(self.report))
+        else:
+            print(
+                f"{format_summary(self.report)}\nper-layer table: 'layers' in "
+                f"{self.dirpath / 'sparsity_report.json'} (or ExportPruned print_table: true)"
+            )
 
     def update_report(self, **fields: Any) -> None:
-        """Merge ``fields`` (e.g. perplexities measured after fit) into the written report."""
+        """Merge ``fields`` (e.g. perplexities measured after fit) into the written report.
+
+        A ``perplexity`` field (``{label: {"val/<set>_ppl": value}}``) also records, under
+        ``data``, the evaluation sets it scored, their settings and files: only evaluations that
+        ran are listed.
+        """
         path = self.dirpath / "sparsity_report.json"
         if not path.exists():
             return
         report = json.loads(path.read_text())
         report.update(fields)
+        perplexity = fields.get("perplexity")
+        if perplexity and self._datamodule is not None:
+            ran = evaluation_data(self._datamodule, evaluated_sets(perplexity))
+            data = report.setdefault("data", {})
+            files = {**data.get("files", {}), **ran.pop("files", {})}
+            data.update(ran)
+            data["files"] = files
         write_json(path, report)
         self.report = report
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .ops.masks import unpack_mask
 
-__all__ = ["check_export", "check_weights", "CheckResult"]
+__all__ = ["CheckResult", "check_export", "check_main", "check_weights"]
 
 MASKS = "masks.safetensors"
 REPORT = "sparsity_report.json"
@@ -356,3 +356,17 @@ def _check_layer(
     except Exception as err:
         return [*problems, f"{MASKS}: mask {name} unreadable ({_one_line(err)})"]
     return problems + _layer_problems(name, w, mask, check_finite=False)
+
+
+def check_main(argv: list[str]) -> int:
+    """``prox24 check EXPORT_DIR``: print the verdict; exit status 0 (ok), 1 (problems) or 2
+    (usage)."""
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(
+            "usage: prox24 check EXPORT_DIR\n\nVerify that every layer in masks.safetensors is "
+            "exactly 2:4 in the saved weights, agrees with its mask, and has no -0.0/NaN/Inf."
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    result = check_export(argv[0])
+    print(result.verdict())
+    return 0 if result.ok else 1

@@ -15,20 +15,23 @@ turns that off).
 The method is chosen with ``model.init_args.method`` (``prox``, ``wanda``, ``sparsegpt``,
 ``magnitude``); everything else is in the YAML files of ``configs/``.
 
-Resume an interrupted run with the same arguments plus ``--ckpt_path last`` (a fresh start, with a
-warning, when no checkpoint exists yet). The config given is the config used: a checkpoint of
+Resume an interrupted run with the same arguments plus ``--ckpt_path last``. A run folder is never
+silently restarted (:mod:`~prox24_lightning.runfolder`): a folder holding a run, given without
+``--ckpt_path``, is refused with the resume command; ``--overwrite true`` starts over; ``--ckpt_path
+last`` with nothing to resume is an error. The config given is the config used: a checkpoint of
 another configuration is refused, naming the differences.
+
+The ``prox24`` executable (dispatch, help, short errors) is :mod:`prox24_lightning.command`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import shlex
 import sys
-import warnings
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -36,40 +39,22 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import BlockPruning, ExportPruned, install_pruning_callbacks
-from .check import check_export
-from .data import PruningDataModule
-from .plan import plan_before_fit, plan_main
-
-__all__ = ["Prox24CLI", "main"]
-
-
-#: Lines nobody pruning a model needs (Lightning's and torch's, matched by message).
-_QUIET_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\).*",
-    r"Found \d+ module\(s\) in eval mode.*",
-    r"Starting from v1\.9\.0, `tensorboardX` has been removed.*",
-    r"The '\w+_dataloader' does not have many workers.*",
-    r".*`max_epochs` was not set.*",
-    r"The number of training batches \(\d+\) is smaller than the logging interval.*",
+from .callbacks import (
+    BlockCheckpoint,
+    BlockPruning,
+    ExportPruned,
+    MaskCheckpoint,
+    install_pruning_callbacks,
 )
+from .console import quiet
+from .data import PruningDataModule
+from .plan import plan_before_fit
+from .runfolder import RunFolder, guard_fit
+
+__all__ = ["Prox24CLI", "cli_main", "resume_command"]
 
 
-class _DropTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
-
-
-def _quiet() -> None:
-    for pattern in _QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropTips) for f in log.filters):
-            log.addFilter(_DropTips())
-
-
-def _max_positions(model_name_or_path: str | None) -> int | None:
+def max_positions(model_name_or_path: str | None) -> int | None:
     """The model's maximum sequence length from its local config (``None`` if not local or not
     stated): the data windows are checked against it before anything is tokenised."""
     path = os.path.expanduser(str(model_name_or_path or ""))
@@ -83,6 +68,44 @@ def _max_positions(model_name_or_path: str | None) -> int | None:
         return max_positions_from_config(AutoConfig.from_pretrained(path))
     except (OSError, ValueError):
         return None
+
+
+def _device_count(devices: Any) -> int:
+    """Devices ``trainer.devices`` names explicitly (``auto`` and -1 count as one: unknown)."""
+    if isinstance(devices, bool):
+        return 1
+    if isinstance(devices, int):
+        return max(1, devices)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if text.isdigit():
+        return int(text)
+    return len([d for d in text.split(",") if d.strip()]) if "," in text else 1
+
+
+def _check_evaluation_sets(validation: Any, subcommand: str) -> None:
+    """``validate``/``test`` need evaluation sets: an empty mapping is an error, and none at all
+    needs the hub (refused at once when it is offline)."""
+    example = "--data.validation '{wiki: {name: text, path: FILE}}'"
+    if validation is not None and len(validation) == 0:
+        raise ValueError(
+            f"{subcommand}: --data.validation is empty, nothing to evaluate; {example}"
+        )
+    if validation is None:
+        offline = any(
+            os.environ.get(v, "") not in ("", "0", "false")
+            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        )
+        if offline:
+            raise ValueError(
+                "no evaluation sets given, and the default ones (WikiText2, C4) need the hub, "
+                f"which is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); give {example}"
+            )
+        rank_zero_info(
+            f"{subcommand}: no --data.validation given: WikiText2 (test) and C4 (validation) "
+            "from the Hugging Face hub"
+        )
 
 
 def _is_run_logger(logger: Any) -> bool:
@@ -137,7 +160,7 @@ class Prox24CLI(LightningCLI):
         parser.set_defaults({"model": {"class_path": "prox24_lightning.pruner.BlockwisePruner"}})
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
         parser.link_arguments(
-            "model.init_args.model_name_or_path", "data.max_positions", compute_fn=_max_positions
+            "model.init_args.model_name_or_path", "data.max_positions", compute_fn=max_positions
         )
         parser.add_argument(
             "--evaluate",
@@ -146,6 +169,14 @@ class Prox24CLI(LightningCLI):
             choices=["auto", "none", "before", "after", "both"],
             help="fit only: perplexity of the dense model before and/or the pruned one after; "
             "auto = after when data.validation names evaluation sets, else none",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start over in a run folder that holds a partial or finished run (its "
+            "last.ckpt, mask files and block shards are deleted, the export is replaced); "
+            "without it such a folder is refused",
         )
         parser.add_argument(
             "--prune_callbacks",
@@ -173,6 +204,16 @@ class Prox24CLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not _is_progress_bar(c)]
         if _is_pruner(cfg.model.class_path) and trainer.enable_model_summary is None:
             trainer.enable_model_summary = False  # "Trainable params: 0" says nothing here
+        if (
+            _is_pruner(cfg.model.class_path)
+            and trainer.strategy in (None, "auto")
+            and _device_count(trainer.devices) > 1
+        ):
+            # Lightning's default for several devices is DDP, which refuses a module with nothing
+            # to train; the pruner's strategy is DDP's process group without the wrapper.
+            trainer.strategy = "blockwise_ddp"
+        if self.subcommand in ("validate", "test"):
+            _check_evaluation_sets(cfg.data.get("validation"), self.subcommand)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI (2.5+) would replace the model arguments by the hyper-parameters stored in
@@ -209,12 +250,55 @@ class Prox24CLI(LightningCLI):
             mode = "after" if cfg.get("data", {}).get("validation") is not None else "none"
         return mode
 
+    def _guard_run_folder(self) -> None:
+        """Refuse to lose or fake work in the run folder (:func:`~prox24_lightning.runfolder.
+        guard_fit`), before anything loads."""
+        cfg = self.config[self.subcommand]
+        callbacks = self.trainer.callbacks
+        ckpt = next((cb for cb in callbacks if isinstance(cb, BlockCheckpoint)), None)
+        masks = next((cb for cb in callbacks if isinstance(cb, MaskCheckpoint)), None)
+        exports = [cb for cb in callbacks if isinstance(cb, ExportPruned)]
+        root = Path(self.trainer.default_root_dir)
+        folder = RunFolder(
+            root=root,
+            checkpoints=Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else None,
+            masks=Path(masks.dirpath) if masks is not None and masks.dirpath else root / "masks",
+            export=(exports[0]._dirpath or root / "export") if exports else None,
+        )
+        overwrite = bool(cfg.get("overwrite", False))
+        argv = sys.argv[1:] if self._argv is None else self._argv
+        resume = resume_command(argv)
+        if not overwrite:  # read-only checks: every rank refuses alike
+            guard_fit(folder, cfg.get("ckpt_path"), overwrite=False, resume_command=resume)
+        else:
+            if self.trainer.is_global_zero:  # one rank deletes, the others wait for it
+                guard_fit(folder, cfg.get("ckpt_path"), overwrite=True, resume_command=resume)
+            if self.trainer.world_size > 1:
+                self.trainer.strategy.barrier()
+        if overwrite:
+            for cb in exports:
+                cb.overwrite = True
+
+    def _check_data_files(self) -> None:
+        check = getattr(self.datamodule, "check_files", None)
+        if callable(check):
+            check(str(self.subcommand))
+
+    def before_validate(self) -> None:
+        self._check_data_files()
+
+    def before_test(self) -> None:
+        self._check_data_files()
+
     def before_fit(self) -> None:
-        # The run plan, and a refusal when the output disk is too small, before anything loads.
-        plan_before_fit(self.config.get(self.subcommand, self.config), log=rank_zero_info)
+        self._check_data_files()
         self._metrics: dict[str, dict[str, float]] = {}
         if self._pruning() and self.config[self.subcommand].get("prune_callbacks", True):
             install_pruning_callbacks(self.trainer)
+        if self._pruning():
+            self._guard_run_folder()
+        # The run plan, and a refusal when the output disk is too small, before anything loads.
+        plan_before_fit(self.config.get(self.subcommand, self.config), log=rank_zero_info)
         exports = [cb for cb in self.trainer.callbacks if isinstance(cb, ExportPruned)]
         if exports:
             config = self._run_config()
@@ -256,28 +340,21 @@ def format_perplexities(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _check_main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(
-            "usage: prox24 check EXPORT_DIR\n\nVerify that every layer in masks.safetensors is "
-            "exactly 2:4 in the saved weights, agrees with its mask, and has no -0.0/NaN/Inf."
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    result = check_export(argv[0])
-    print(result.verdict())
-    return 0 if result.ok else 1
-
-
-def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
+def cli_main(
+    args: list[str] | None = None, *, exit_on_error: bool = True, **kwargs: Any
+) -> Prox24CLI:
     """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``.
 
     ``model`` is any LightningModule given by class path: ``BlockwisePruner`` prunes,
     ``MaskedFinetuner`` finetunes an export with its masks held fixed. Both are imported here so
     the short names ``--model BlockwisePruner`` / ``--model MaskedFinetuner`` resolve.
+
+    ``exit_on_error=False`` raises parse errors (``ArgumentError``) instead of printing the usage
+    and exiting: the ``prox24`` executable turns them into short messages.
     """
     import lightning as L
 
-    _quiet()
+    quiet()
     from . import strategies  # noqa: F401  (registers trainer.strategy: blockwise_ddp)
     from .finetune import MaskedFinetuner  # noqa: F401  (registers the short name)
     from .pruner import BlockwisePruner  # noqa: F401
@@ -291,23 +368,10 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> Prox24CLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         parser_kwargs={
-            "description": "2:4 pruning of causal LMs (Kübler et al., TMLR 2025). Subcommands: "
-            "fit (prune), validate (perplexity), test, `prox24 check EXPORT_DIR` (verify an "
-            "export) and `prox24 plan --config X` (memory and disk a run needs)."
+            "description": "2:4 pruning of causal LMs (Kübler et al., TMLR 2025): fit (prune), "
+            "validate (perplexity), test; `prox24 --help` lists every subcommand.",
+            "exit_on_error": exit_on_error,
+            **{name: {"exit_on_error": exit_on_error} for name in ("fit", "validate", "test")},
         },
         **kwargs,
     )
-
-
-def main(args: list[str] | None = None) -> None:
-    """Console entry point ``prox24``."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "check":
-        raise SystemExit(_check_main(argv[1:]))
-    if argv and argv[0] == "plan":
-        raise SystemExit(plan_main(argv[1:]))
-    cli_main(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from .callbacks import install_atomic_checkpoint_io, warn_about_checkpoint_callbacks
+from .callbacks import RunLogger, install_atomic_checkpoint_io, warn_about_checkpoint_callbacks
 from .data import PruningDataModule
 from .evaluation import PerplexityEvaluation
 from .faults import maybe_fail
@@ -61,6 +61,7 @@ from .pipeline import (
     restore_pruned_weights,
     run_fingerprint,
 )
+from .reports import block_metrics, format_block_line
 from .solvers import METHODS, MethodConfig, PruneResult, make_config
 
 __all__ = ["BlockwisePruner"]
@@ -331,8 +332,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self._close_stage()
         for listener in self.block_pruned_listeners:
             listener(k, results)
-        self._log_results(results)
-        self.log("prune/block_seconds", time.perf_counter() - self._stage_start, on_step=True)
+        self._log_block(k, results, time.perf_counter() - self._stage_start)
         if k == self.num_blocks - 1:
             self.trainer.should_stop = True
 
@@ -390,16 +390,24 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         )
         self._cache.replace(k, inputs)
 
-    def _log_results(self, results: dict[str, PruneResult]) -> None:
-        keys = ("loss_method", "loss_final", "iterations_to_2of4", "final_lambda", "seconds")
-        self.log_dict(
-            {
-                f"layer/{n}/{key}": float(getattr(r.stats, key))
-                for n, r in results.items()
-                for key in keys
-            },
-            on_step=True,
-        )
+    def _log_block(self, k: int, results: dict[str, PruneResult], wall_seconds: float) -> None:
+        """A finished block: one console line, and its layers to every logger.
+
+        Written to the loggers directly, not through ``self.log``: Lightning keeps step metrics
+        only every ``log_every_n_steps`` batches, which lost all blocks but the last. The
+        :class:`~.callbacks.RunLogger` gets one row per layer; other loggers the block's
+        scalars (:func:`~.reports.block_metrics`) at step ``k``.
+        """
+        layers = {name: self.report[name] for name in results}
+        self.print(format_block_line(k, self.num_blocks, self.blocks[k][0], layers))
+        if not self.trainer.is_global_zero:
+            return  # every rank holds every layer's result: one process writes them
+        for logger in self.loggers:
+            if isinstance(logger, RunLogger):
+                logger.log_layers(k, layers)
+            else:
+                logger.log_metrics(block_metrics(layers, wall_seconds), step=k)
+                logger.save()
 
     # ------------------------------------------------------------------------ checkpoints
     def fingerprint(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The architecture's promises: the lower floors import no Lightning, methods come from one
-registry, recipes are named from YAML, and module sizes stay within bounds."""
+registry, recipes are named from YAML, and the import graph has no cycle."""
 
 from __future__ import annotations
 
@@ -28,12 +28,59 @@ def test_lower_floors_import_no_lightning():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_modules_stay_small_and_the_pruner_thin():
-    sizes = {p: len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert max(sizes.values()) <= 600, max(sizes.items(), key=lambda kv: kv[1])
-    tree = ast.parse((PACKAGE / "pruner.py").read_text())
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BlockwisePruner"]
-    assert cls.end_lineno - cls.lineno + 1 <= 350
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Package modules ``path`` imports anywhere (a deferred import inside a function is still
+    a dependency: two modules that need each other are one job split in two), except under
+    ``TYPE_CHECKING``."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Import):
+                targets = [a.name for a in sub.names]
+            elif isinstance(sub, ast.ImportFrom):
+                base = sub.module or ""
+                if sub.level:
+                    anchor = package.split(".")[: len(package.split(".")) - sub.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                # ``from pkg import mod`` imports the submodule ``pkg.mod`` when there is one.
+                targets = [f"{base}.{a.name}" for a in sub.names] + [base]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: _imports(p, set(files)) for m, p in files.items()}
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        if module in stack:
+            cycle = stack[stack.index(module) :] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, [*stack, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    # The library floors never import the command line.
+    for module, targets in graph.items():
+        if not module.startswith(("prox24_lightning.cli", "prox24_lightning.command")):
+            assert not {t for t in targets if t.startswith("prox24_lightning.cli")}, module
 
 
 def test_methods_live_in_one_registry():

@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM
 
 import prox24_lightning.check as check_mod
 from prox24_lightning.artifacts import load_masks
-from prox24_lightning.check import CheckResult, check_export
-from prox24_lightning.cli import _check_main, cli_main, main
+from prox24_lightning.check import CheckResult, check_export, check_main
+from prox24_lightning.cli import cli_main
+from prox24_lightning.command import main
 from prox24_lightning.testing import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +97,7 @@ def sharded(run) -> Path:
 
 
 def _verdict(path: Path, capsys) -> tuple[int, str]:
-    code = _check_main([str(path)])
+    code = check_main([str(path)])
     out = capsys.readouterr().out
     assert out.count("\n") == 1, out  # exactly one line
     return code, out.strip()
@@ -364,14 +365,14 @@ def test_truncated_masks_file_is_named(run, tmp_path, capsys):
 def test_missing_export_and_usage(tmp_path, capsys):
     code, verdict = _verdict(tmp_path / "nowhere", capsys)
     assert code == 1 and "masks.safetensors not found" in verdict
-    assert _check_main([]) == 2
+    assert check_main([]) == 2
     assert "usage: prox24 check EXPORT_DIR" in capsys.readouterr().out
 
 
 def test_console_command_exit_codes(run, tmp_path):
     bad = _corrupt(run[2], tmp_path / "bad", "negative_zero")
     _truncate(bad / "sparsity_report.json")
-    cmd = [sys.executable, "-c", "from prox24_lightning.cli import main; main()", "check", str(bad)]
+    cmd = [sys.executable, "-m", "prox24_lightning", "check", str(bad)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr[-2000:]
     assert p.stdout.count("\n") == 1 and p.stdout.startswith("FAIL: ")

@@ -38,7 +38,7 @@ def _run(model: str, out: Path, text: Path, **extra: str) -> None:
         "prox24_lightning.callbacks.ExportPruned", dirpath=out / "export", overwrite="true"
     )
     args = fit_args(model, out, text, method="prox", callbacks=export, **overrides)
-    cmd = [sys.executable, "-m", "prox24_lightning.cli", *args]
+    cmd = [sys.executable, "-m", "prox24_lightning", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity as TMPerplexity
 
-from prox24_lightning.metrics import Perplexity
+from prox24_lightning.metrics import BYTES_PER_LOGIT, Perplexity, tokens_per_chunk
 
 V = 50
 
@@ -74,7 +74,8 @@ def test_low_precision_logits_are_upcast() -> None:
 
 def test_chunking_does_not_change_the_result() -> None:
     data = batches(seed=2)
-    whole, chunked = Perplexity(), Perplexity(chunk_tokens=5)
+    whole, chunked = Perplexity(), Perplexity(chunk_bytes=5 * V * BYTES_PER_LOGIT)
+    assert tokens_per_chunk(V, chunked.chunk_bytes) == 5
     for logits, ids in data:
         whole.update(logits, ids)
         chunked.update(logits, ids)
@@ -97,8 +98,8 @@ def test_reset_and_shape_errors() -> None:
     metric = Perplexity()
     with pytest.raises(ValueError, match="expected logits"):
         metric.update(torch.randn(2, 5, V), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="chunk_tokens"):
-        Perplexity(chunk_tokens=0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Perplexity(chunk_bytes=0)
     metric.update(*batches(n=1)[0])
     metric.reset()
     assert metric.count.item() == 0 and metric.nll.item() == 0.0

@@ -68,7 +68,8 @@ def _assert_same_export(a: Path, b: Path, n_layers: int) -> None:
 # ---------------------------------------------------------------------------- OffloadedModel
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_blockwise_logits_equal_the_full_forward(arch):
-    """Embeddings, then each block over all batches, then norm + head: the model's logits."""
+    """Embeddings, then each block over all batches, then norm + head chunk by chunk: the
+    model's next-token logits (positions ``[:, :-1]``, row-major) and their targets."""
     lm = tiny_causal_lm(arch, num_layers=3)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(4, 400, (2, 24), generator=g) for _ in range(3)]
@@ -76,11 +77,23 @@ def test_blockwise_logits_equal_the_full_forward(arch):
         expected = [lm(input_ids=ids, use_cache=False).logits for ids in batches]
     offload = OffloadedModel(lm)
     assert resident_bytes(lm) == 0  # everything is a meta placeholder now
-    got: dict[int, torch.Tensor] = {}
-    blockwise_logits(offload, batches, "cpu", lambda i, logits: got.__setitem__(i, logits))
+    got: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    blockwise_logits(
+        offload,
+        batches,
+        "cpu",
+        lambda i, logits, targets: got.setdefault(i, []).append((logits, targets)),
+        chunk_tokens=10,
+    )
     assert sorted(got) == [0, 1, 2]
     for i, ref in enumerate(expected):
-        torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
+        assert [len(t) for _, t in got[i]] == [10, 10, 10, 10, 6]  # 2 x 23 positions
+        logits = torch.cat([lg for lg, _ in got[i]])
+        targets = torch.cat([t for _, t in got[i]])
+        torch.testing.assert_close(
+            logits, ref[:, :-1].reshape(-1, ref.shape[-1]), rtol=1e-5, atol=1e-5
+        )
+        assert torch.equal(targets, batches[i][:, 1:].reshape(-1))
     assert resident_bytes(lm) == 0
     with offload.materialized():
         with torch.no_grad():
@@ -346,10 +359,15 @@ def test_cuda_onload_holds_one_part_and_writes_back():
         expected = [lm(input_ids=ids, use_cache=False).logits for ids in batches]
     offload = OffloadedModel(lm)
     base = torch.cuda.memory_allocated()
-    got: dict[int, torch.Tensor] = {}
-    blockwise_logits(offload, batches, "cuda", lambda i, x: got.__setitem__(i, x.float().cpu()))
+    got: dict[int, list[torch.Tensor]] = {}
+    blockwise_logits(
+        offload, batches, "cuda", lambda i, x, t: got.setdefault(i, []).append(x.float().cpu())
+    )
     for i, ref in enumerate(expected):
-        torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
+        logits = torch.cat(got[i])  # the chunks of positions [:, :-1], row-major
+        torch.testing.assert_close(
+            logits, ref[:, :-1].reshape(-1, ref.shape[-1]), rtol=1e-4, atol=1e-4
+        )
     assert resident_bytes(lm) == 0 and torch.cuda.memory_allocated() == base
     name, block = offload.blocks[0]
     key = offload.key(f"{name}.mlp.down_proj.weight")

@@ -14,6 +14,7 @@ import torch
 from helpers import fit_args
 
 from prox24_lightning import plan as plan_mod
+from prox24_lightning.command import plan_main
 from prox24_lightning.plan import (
     GB,
     InsufficientDiskSpace,
@@ -22,7 +23,6 @@ from prox24_lightning.plan import (
     existing_parent,
     load_model_config,
     model_shape,
-    plan_main,
     plan_run,
     resolve_dtype,
 )

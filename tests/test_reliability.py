@@ -30,6 +30,7 @@ from prox24_lightning.cli import cli_main
 from prox24_lightning.models import find_blocks
 from prox24_lightning.pipeline.shards import file_sha256
 from prox24_lightning.pruner import BlockwisePruner
+from prox24_lightning.runfolder import RunFolderError
 from prox24_lightning.testing import offline_tokenizer, save_tiny_model, tiny_causal_lm
 
 TINY = dict(num_layers=3, hidden_size=32, intermediate_size=64)
@@ -91,7 +92,7 @@ def _prox24(args: list[str], fault: str | None, cwd: Path) -> subprocess.Complet
     env.pop("PROX24_FAULT", None)
     if fault:
         env["PROX24_FAULT"] = fault
-    cmd = [sys.executable, "-c", "from prox24_lightning.cli import main; main()", *args]
+    cmd = [sys.executable, "-m", "prox24_lightning", *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -100,21 +101,23 @@ def test_sigkill_at_every_stage_then_resume_last_is_identical(tmp_path, model_di
     checkpoint and while writing the export; each time ``--ckpt_path last`` resumes, and the
     end result is bit-identical to an uninterrupted run (same config, run in-process)."""
     ref, run = two_runs[0], tmp_path / "run"
-    args = [*_args(model_dir, run, text), "--ckpt_path=last"]
+    fresh = _args(model_dir, run, text)
+    args = [*fresh, "--ckpt_path=last"]
 
-    def killed(fault: str) -> str:
-        p = _prox24(args, fault, tmp_path)
+    def killed(fault: str, argv: list[str] = args) -> str:
+        p = _prox24(argv, fault, tmp_path)
         assert p.returncode == -signal.SIGKILL, (fault, p.returncode, p.stderr[-3000:])
         return p.stderr
 
     # 1. Killed in block 0's calibration, before any checkpoint: nothing to resume from.
-    err = killed("calibration:2")
-    assert "no last checkpoint available" in err
+    killed("calibration:2", fresh)
     assert not (run / "ckpt" / "last.ckpt").exists() and _mask_files(run) == []
-    # 2. "last" with no checkpoint starts from scratch (Lightning warns); killed in block 1's
-    #    calibration after block 0 was checkpointed.
-    err = killed("calibration:3")
-    assert "no last checkpoint available" in err
+    # 2. "last" with no checkpoint is an error, not a silent fresh run; started again without
+    #    it, the run is killed in block 1's calibration after block 0 was checkpointed.
+    nothing = _prox24(args, None, tmp_path)
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr, nothing.stderr
+    assert "Traceback" not in nothing.stderr
+    killed("calibration:3", fresh)
     assert _ckpt_state(run)["prox24"]["pruned_blocks"] == [0]
     assert _mask_files(run) == ["block_000.safetensors"]
     # 3. Resumed at block 1, killed in the middle of its solve.
@@ -184,7 +187,7 @@ def test_existing_export_is_refused_before_any_work(tmp_path, two_runs, model_di
     out = two_runs[0]
     before = (out / "export" / "model.safetensors").read_bytes()
     masks_before = {n: (out / "masks" / n).stat().st_mtime_ns for n in _mask_files(out)}
-    with pytest.raises(FileExistsError, match=r"export already holds an export.*overwrite"):
+    with pytest.raises(RunFolderError, match=r"(?s)holds a finished run .*--overwrite true"):
         _fit(model_dir, out, text, overwrite="false")
     assert (out / "export" / "model.safetensors").read_bytes() == before
     assert {n: (out / "masks" / n).stat().st_mtime_ns for n in _mask_files(out)} == masks_before

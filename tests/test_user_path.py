@@ -141,7 +141,7 @@ def test_one_command_prunes_your_own_model_quietly_into_a_checked_export(tmp_pat
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env["PROX24_CACHE_DIR"] = str(tmp_path / "cache")
     calibration = json.dumps({"name": "text", "path": str(corpus[0])})
-    cmd = [sys.executable, "-c", "from prox24_lightning.cli import main; main()", "fit"]
+    cmd = [sys.executable, "-m", "prox24_lightning", "fit"]
     cmd += [f"--model.model_name_or_path={model}", f"--data.calibration={calibration}"]
     cmd += [f"--trainer.default_root_dir={out}"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
@@ -157,17 +157,18 @@ def test_one_command_prunes_your_own_model_quietly_into_a_checked_export(tmp_pat
         "logs",
         "masks",
     ]
-    check = [sys.executable, "-c", "from prox24_lightning.cli import main; main()", "check"]
+    check = [sys.executable, "-m", "prox24_lightning", "check"]
     c = subprocess.run([*check, str(out / "export")], capture_output=True, text=True, env=env)
     assert c.returncode == 0 and c.stdout.startswith("OK: 7 layers exactly 2:4"), c.stdout
     help_text = subprocess.run(
-        [sys.executable, "-c", "from prox24_lightning.cli import main; main()", "--help"],
+        [sys.executable, "-m", "prox24_lightning", "--help"],
         capture_output=True,
         text=True,
         env=env,
     ).stdout
-    assert "fit" in help_text and "validate" in help_text and "check" in help_text
-    assert "{fit,validate,test}" in help_text and "predict" not in help_text
+    assert "{fit,validate,test,plan,check}" in help_text and "predict" not in help_text
+    for subcommand in ("fit", "validate", "test", "plan", "check"):
+        assert f"\n  {subcommand} " in help_text, subcommand
 
 
 @pytest.mark.parametrize(

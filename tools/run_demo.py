@@ -25,7 +25,7 @@ DEMO_SCHEDULE = ("--model.init_args.solver.refine_steps=30",)
 def run(method: str) -> tuple[dict, float]:
     out = ROOT / "outputs" / "demo" / method
     cmd = [
-        sys.executable, "-m", "prox24_lightning.cli", "fit",
+        sys.executable, "-m", "prox24_lightning", "fit",
         "--config", str(ROOT / "configs" / "demo.yaml"),
         "--model.init_args.method", method,
         "--trainer.default_root_dir", str(out),

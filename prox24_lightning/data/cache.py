@@ -5,7 +5,10 @@
 (the SHA-256 of files up to 64 MiB, size + mtime for larger ones) and every size parameter,
 plus the BOS id put first in every window when there is one (entries without BOS keep the key
 they had before BOS existed: their windows are the same). On a cache hit nothing is loaded or
-tokenised.
+tokenised. A calibration entry also keeps the distinct tokens its windows were drawn from
+(:class:`~prox24_lightning.data.windows.CalibrationWindows`), so a warm cache can still warn about
+overlapping windows; a ``random_windows`` entry written before it kept that count is recomputed
+once.
 Cache entries are written with :func:`prox24_lightning.artifacts.atomic_write`, so readers (other
 ranks, a concurrent run) see either no file or a complete one.
 """
@@ -42,15 +45,16 @@ from .windows import (
     C4_EVAL_DOCUMENTS,
     C4_EVAL_WINDOWS,
     CalibrationMode,
+    CalibrationWindows,
     c4_validation_windows,
     check_seqlen,
-    sample_packed,
-    sample_random_windows,
+    sample_calibration,
     wikitext2_windows,
 )
 
 __all__ = [
     "calibration_samples",
+    "calibration_set",
     "evaluation_windows",
     "source_provenance",
     "tokenizer_fingerprint",
@@ -152,8 +156,14 @@ def _cached(
     params: dict[str, Any],
     cache_dir: str | os.PathLike | None,
     use_cache: bool,
-    compute: Callable[[], Tensor],
-) -> Tensor:
+    compute: Callable[[], tuple[Tensor, dict[str, Any]]],
+    meta_keys: tuple[str, ...] = (),
+) -> tuple[Tensor, dict[str, Any]]:
+    """``compute()``'s tensor and metadata, from the cache when an entry has them all.
+
+    ``meta_keys`` are the metadata an entry must hold to be a hit: an entry written before a key
+    existed is recomputed (its tensor would be the same, but the caller needs the key too).
+    """
     if not use_cache:
         return compute()
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -171,15 +181,18 @@ def _cached(
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             if payload.get("key") == blob:
-                log.debug("token cache hit: %s", path)
-                return payload["input_ids"]
+                meta = payload.get("meta", {})
+                if all(k in meta for k in meta_keys):
+                    log.debug("token cache hit: %s", path)
+                    return payload["input_ids"], meta
+                log.debug("token cache entry %s lacks %s: recomputing", path, meta_keys)
         except Exception as err:  # a truncated or foreign file: recompute and overwrite it
             log.warning("ignoring unreadable token cache file %s (%s)", path, err)
     log.info("tokenising %s for %s (cache miss, writing %s)", source.name, kind, path)
-    tensor = compute()
+    tensor, meta = compute()
     with atomic_write(path) as tmp:
-        torch.save({"key": blob, "input_ids": tensor}, tmp)
-    return tensor
+        torch.save({"key": blob, "input_ids": tensor, "meta": meta}, tmp)
+    return tensor, meta
 
 
 def calibration_samples(
@@ -211,6 +224,39 @@ def calibration_samples(
     Returns:
         ``LongTensor [nsamples, seqlen]`` on the CPU.
     """
+    return calibration_set(
+        source,
+        tokenizer,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        mode=mode,
+        seed=seed,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        bos_token_id=bos_token_id,
+    ).input_ids
+
+
+def calibration_set(
+    source: TextSource | Mapping[str, Any] | str,
+    tokenizer: Any,
+    *,
+    nsamples: int,
+    seqlen: int,
+    mode: CalibrationMode = "random_windows",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    bos_token_id: int | None = None,
+) -> CalibrationWindows:
+    """:func:`calibration_samples` with the distinct tokens the windows were drawn from.
+
+    Arguments as :func:`calibration_samples`. The count comes from the cache entry too, so the
+    caller can warn about overlapping windows without tokenising anything on a cache hit.
+
+    Returns:
+        :class:`~prox24_lightning.data.windows.CalibrationWindows`.
+    """
     source = to_source(source)
     check_seqlen(seqlen, None)
     if mode not in get_args(CalibrationMode):
@@ -221,17 +267,25 @@ def calibration_samples(
     if bos_token_id is not None:
         params["bos_token_id"] = bos_token_id
 
-    def compute() -> Tensor:
+    def compute() -> tuple[Tensor, dict[str, Any]]:
         docs = load_documents(source, cache_dir=cache_dir)
-        if mode == "packed":
-            return sample_packed(
-                docs, tokenizer, nsamples=nsamples, seqlen=seqlen, bos_token_id=bos_token_id
-            )
-        return sample_random_windows(
-            docs, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, bos_token_id=bos_token_id
+        windows = sample_calibration(
+            docs,
+            tokenizer,
+            mode=mode,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            bos_token_id=bos_token_id,
         )
+        return windows.input_ids, {"distinct_tokens": windows.distinct_tokens}
 
-    return _cached("calibration", source, tokenizer, params, cache_dir, use_cache, compute)
+    # Only random_windows has a count to need; packed entries stay valid as they are.
+    need = ("distinct_tokens",) if mode == "random_windows" else ()
+    ids, meta = _cached(
+        "calibration", source, tokenizer, params, cache_dir, use_cache, compute, need
+    )
+    return CalibrationWindows(ids, meta.get("distinct_tokens"))
 
 
 def evaluation_windows(
@@ -274,10 +328,10 @@ def evaluation_windows(
     if bos_token_id is not None:
         params["bos_token_id"] = bos_token_id
 
-    def compute() -> Tensor:
+    def compute() -> tuple[Tensor, dict[str, Any]]:
         docs = load_documents(source, cache_dir=cache_dir)
         if c4_protocol:
-            return c4_validation_windows(
+            windows = c4_validation_windows(
                 docs,
                 tokenizer,
                 seqlen=seqlen,
@@ -285,8 +339,10 @@ def evaluation_windows(
                 n_windows=max_windows if max_windows is not None else C4_EVAL_WINDOWS,
                 bos_token_id=bos_token_id,
             )
-        return wikitext2_windows(
-            docs, tokenizer, seqlen=seqlen, max_windows=max_windows, bos_token_id=bos_token_id
-        )
+        else:
+            windows = wikitext2_windows(
+                docs, tokenizer, seqlen=seqlen, max_windows=max_windows, bos_token_id=bos_token_id
+            )
+        return windows, {}
 
-    return _cached("eval", source, tokenizer, params, cache_dir, use_cache, compute)
+    return _cached("eval", source, tokenizer, params, cache_dir, use_cache, compute)[0]

@@ -19,6 +19,11 @@ gathered from it, so ``setup("fit")`` raises unless ``nsamples`` is a multiple o
 size. For evaluation sets it only warns: a few repeated windows shift the perplexity slightly.
 Use one process, or ``max_eval_windows`` equal to a multiple of the world size, to get the
 reference numbers exactly.
+
+**Overlapping windows.** ``setup("fit")`` warns once when ``random_windows`` draws more tokens than
+the distinct text holds (e.g. 8 windows of 128 tokens from a 232-token file): the windows overlap
+and the calibration counts the same text several times
+(:func:`~prox24_lightning.data.windows.calibration_overlap_warning`).
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from prox24_lightning.data.cache import calibration_samples, evaluation_windows
-from prox24_lightning.data.sources import TextSource, to_source
-from prox24_lightning.data.windows import BosMode, CalibrationMode, check_seqlen, resolve_bos
+from prox24_lightning.data.cache import calibration_set, evaluation_windows
+from prox24_lightning.data.sources import TextSource, check_local_files, to_source
+from prox24_lightning.data.windows import (
+    BosMode,
+    CalibrationMode,
+    CalibrationWindows,
+    calibration_overlap_warning,
+    check_seqlen,
+    resolve_bos,
+    resolve_seqlen,
+)
 
 __all__ = ["PruningDataModule", "TokenWindows", "default_validation_sources"]
 
@@ -149,8 +162,7 @@ class PruningDataModule(L.LightningDataModule):
             raise ValueError(f"max_eval_windows must be >= 1, got {max_eval_windows}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if seqlen is None:
-            seqlen = min(2048, max_positions or 2048)
+        seqlen = resolve_seqlen(seqlen, max_positions)
         check_seqlen(seqlen, max_positions, what="seqlen")
         check_seqlen(
             seqlen if eval_seqlen is None else eval_seqlen, max_positions, what="eval_seqlen"
@@ -204,6 +216,16 @@ class PruningDataModule(L.LightningDataModule):
             self._tokenizer = _load_tokenizer(name)
         return self._tokenizer
 
+    def check_files(self, stage: str) -> None:
+        """Raise now, naming the file, when a local source the ``stage`` reads (``fit``: the
+        calibration and evaluation sets; ``validate``/``test``: the evaluation sets) is missing
+        or empty; the CLI calls it before the model is loaded."""
+        sources = [*self.validation.values()]
+        if stage == "fit":
+            sources.insert(0, self.calibration)
+        for source in sources:
+            check_local_files(source)
+
     def check_fits(self, max_positions: int | None, *, fitting: bool) -> None:
         """Refuse windows longer than the model's ``max_positions`` (calibration windows when
         ``fitting``; evaluation windows whenever evaluation sets are configured)."""
@@ -242,8 +264,8 @@ class PruningDataModule(L.LightningDataModule):
         self.bos_prepended = bos_id is not None
         return bos_id
 
-    def _calibration_tensor(self) -> Tensor:
-        return calibration_samples(
+    def _calibration_set(self) -> CalibrationWindows:
+        return calibration_set(
             self.calibration,
             self.tokenizer,
             nsamples=self.nsamples,
@@ -253,6 +275,22 @@ class PruningDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
             bos_token_id=self._bos_token_id(),
         )
+
+    def _overlap(self, distinct_tokens: int | None) -> str | None:
+        return calibration_overlap_warning(
+            distinct_tokens,
+            self.nsamples,
+            self.seqlen,
+            self.calibration_mode,
+            bos=bool(self.bos_prepended),
+            where=_describe(self.calibration),
+        )
+
+    def calibration_overlap(self) -> str | None:
+        """The warning ``setup("fit")`` gives when the calibration windows overlap (more tokens
+        drawn than the source holds), or ``None``; fills the token cache as fit would, so
+        ``prox24 plan`` can say it before a run."""
+        return self._overlap(self._calibration_set().distinct_tokens)
 
     def _eval_tensor(self, name: str) -> Tensor:
         return evaluation_windows(
@@ -268,7 +306,7 @@ class PruningDataModule(L.LightningDataModule):
         """Tokenise and fill the token cache (only the sets the running Trainer stage needs)."""
         need_cal, need_eval = self._stage_needs(self._trainer_stage())
         if need_cal:
-            self._calibration_tensor()
+            self._calibration_set()
         if need_eval:
             for name in self.val_names:
                 self._eval_tensor(name)
@@ -278,7 +316,10 @@ class PruningDataModule(L.LightningDataModule):
         need_cal, need_eval = self._stage_needs(stage)
         world = self._world_size()
         if need_cal and self.calibration_data is None:
-            data = self._calibration_tensor()
+            data, distinct = self._calibration_set()
+            overlap = self._overlap(distinct)
+            if overlap is not None:
+                rank_zero_warn(overlap)
             if world > 1 and len(data) % world:
                 raise ValueError(
                     f"{len(data)} calibration samples do not split evenly over {world} processes; "
@@ -336,6 +377,11 @@ class PruningDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """The evaluation loaders again (the protocol evaluates on the same sets)."""
         return self.val_dataloader()
+
+
+def _describe(source: TextSource) -> str:
+    """The source as a message names it: its local path, or the hub/package it reads."""
+    return source.path if source.path else f"the {source.name} source"
 
 
 def _load_tokenizer(name: str) -> Any:

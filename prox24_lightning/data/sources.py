@@ -57,6 +57,7 @@ __all__ = [
     "C4_TRAIN_FILE",
     "C4_VALIDATION_FILE",
     "TextSource",
+    "check_local_files",
     "load_documents",
     "to_source",
     "wiki_offline_path",
@@ -214,6 +215,13 @@ def _hub_layout_file(directory: Path, source: TextSource) -> Path | None:
         if (directory / rel).is_file():
             return directory / rel
     return None
+
+
+def check_local_files(source: TextSource) -> None:
+    """Raise now, in one line naming the file, when a source's local path is missing or empty
+    (hub sources are left to the loader): a mistyped path fails before the model is loaded."""
+    if source.path is not None:
+        _local_files(source)
 
 
 def _local_files(source: TextSource) -> list[Path]:

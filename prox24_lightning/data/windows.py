@@ -9,7 +9,13 @@ Everything here is a plain function of (documents, tokenizer, sizes) and returns
 random ``seqlen`` window from it. It consumes the random stream exactly as their
 ``random.seed(seed)`` loop does, so with the same tokenizer and shard it returns the same samples.
 :func:`sample_packed` (the paper's mode) concatenates documents with EOS between them and cuts
-consecutive windows.
+consecutive windows. :func:`sample_calibration` runs either mode and also returns the distinct
+tokens the windows came from; :func:`calibration_overlap_warning` turns that count into the warning
+for windows that must overlap.
+
+**Each document is tokenised at most once** per call, in every mode: ``random_windows`` keeps the
+ids of a drawn document (one ``int32`` tensor) for later draws of it, and only the fact that a
+document is too short.
 
 **Evaluation.** :func:`wikitext2_windows` follows the WikiText2 protocol: the texts are joined with
 ``"\\n\\n"``, tokenised once, and cut into ``numel // seqlen`` windows.
@@ -27,7 +33,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -37,11 +43,16 @@ from ..models.gguf import GGUF_ADD_BOS_ATTR
 __all__ = [
     "C4_EVAL_DOCUMENTS",
     "C4_EVAL_WINDOWS",
+    "DEFAULT_SEQLEN",
+    "resolve_seqlen",
     "BosMode",
     "CalibrationMode",
+    "CalibrationWindows",
     "c4_validation_windows",
+    "calibration_overlap_warning",
     "check_seqlen",
     "resolve_bos",
+    "sample_calibration",
     "sample_packed",
     "sample_random_windows",
     "tokenizer_adds_bos",
@@ -55,6 +66,18 @@ BosMode = Literal["auto", "always", "never"]
 #: Documents and windows of the C4-validation perplexity protocol (Wanda/SparseGPT ``get_c4``).
 C4_EVAL_DOCUMENTS = 1100
 C4_EVAL_WINDOWS = 256
+
+
+#: Window length when none is given (the paper's and the protocols'), capped by the model.
+DEFAULT_SEQLEN = 2048
+
+
+def resolve_seqlen(seqlen: int | None, max_positions: int | None) -> int:
+    """The window length a run uses: ``seqlen`` as given, else :data:`DEFAULT_SEQLEN` capped by
+    the model's ``max_positions``. ``prox24 fit`` and ``prox24 plan`` both resolve it here."""
+    if seqlen is not None:
+        return seqlen
+    return min(DEFAULT_SEQLEN, max_positions or DEFAULT_SEQLEN)
 
 
 def check_seqlen(seqlen: int, max_positions: int | None, *, what: str = "seqlen") -> None:
@@ -141,14 +164,83 @@ def _with_bos(content: Tensor, bos_token_id: int | None) -> Tensor:
     return torch.cat([bos, content], dim=1)
 
 
+# Only the ids are used: no attention mask (a second Python list as long as the ids) or type ids.
+_IDS_ONLY = {"verbose": False, "return_attention_mask": False, "return_token_type_ids": False}
+
+
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
     # verbose=False: long evaluation texts exceed model_max_length on purpose; they are cut into
     # windows afterwards, so the tokenizer's "sequence length is longer than" warning is noise.
-    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special_tokens, **_IDS_ONLY)["input_ids"]
 
 
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, **_IDS_ONLY)["input_ids"]
+
+
+def _compact(ids: list[int]) -> Tensor:
+    """``ids`` as one tensor: ``int32`` (4 bytes a token instead of a Python int's ~36), or
+    ``int64`` for ids that do not fit."""
+    try:
+        return torch.tensor(ids, dtype=torch.int32)
+    except RuntimeError:  # an id >= 2**31: torch refuses the overflow rather than wrapping
+        return torch.tensor(ids, dtype=torch.long)
+
+
+class CalibrationWindows(NamedTuple):
+    """Calibration windows and the distinct tokens they were drawn from.
+
+    Attributes:
+        input_ids: ``LongTensor [nsamples, seqlen]``.
+        distinct_tokens: ``random_windows``: the tokens of the distinct documents windows were
+            drawn from (for a one-document file, the whole file); windows drawing more than this
+            overlap. ``None`` for ``packed``, whose windows never overlap.
+    """
+
+    input_ids: Tensor
+    distinct_tokens: int | None
+
+
+def calibration_overlap_warning(
+    distinct_tokens: int | None,
+    nsamples: int,
+    seqlen: int,
+    mode: CalibrationMode,
+    *,
+    bos: bool = False,
+    where: str | None = None,
+) -> str | None:
+    """The warning for calibration windows that must overlap, or ``None``.
+
+    ``random_windows`` draws ``nsamples`` windows of ``seqlen`` tokens (``seqlen - 1`` text tokens
+    after a BOS) from the text; when that is more than the distinct tokens the text holds, windows
+    overlap and the calibration statistics count the same text several times, without the user
+    asking for it. Pure, so a run plan can report it before anything is tokenised.
+
+    Args:
+        distinct_tokens: Distinct tokens of the source (see
+            :attr:`CalibrationWindows.distinct_tokens`); ``None`` when unknown.
+        nsamples: Number of windows.
+        seqlen: Tokens per window.
+        mode: ``packed`` never overlaps (too few tokens is an error there), so gives ``None``.
+        bos: Whether every window starts with an added BOS (one text token fewer a window).
+        where: What the source is, for the message (a file, a hub name).
+
+    Returns:
+        The warning text, or ``None`` when the windows fit in the distinct text.
+    """
+    if mode != "random_windows" or distinct_tokens is None:
+        return None
+    width = seqlen - 1 if bos else seqlen
+    drawn = nsamples * width
+    if drawn <= distinct_tokens:
+        return None
+    per = f"{width:,} text tokens after BOS" if bos else f"{width:,} tokens"
+    src = f" in {where}" if where else ""
+    return (
+        f"calibration: {nsamples:,} windows x {per} = {drawn:,} drawn from {distinct_tokens:,} "
+        f"distinct tokens{src}: windows overlap; give a larger file or fewer/shorter windows"
+    )
 
 
 def sample_packed(
@@ -243,6 +335,9 @@ def sample_random_windows(
     With ``bos_token_id``, documents are tokenised without special tokens and windows of
     ``seqlen - 1`` tokens are drawn the same way, each after the BOS.
 
+    Each drawn document is tokenised once: the original tokenises it again at every draw, which
+    for a one-document text file means the whole file once per window.
+
     Args:
         documents: Documents in order.
         tokenizer: A Hugging Face tokenizer.
@@ -257,6 +352,21 @@ def sample_random_windows(
     Raises:
         ValueError: If no document has more than ``seqlen`` tokens.
     """
+    return _random_windows(
+        documents, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, bos_token_id=bos_token_id
+    ).input_ids
+
+
+def _random_windows(
+    documents: Sequence[str],
+    tokenizer: Any,
+    *,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    bos_token_id: int | None,
+) -> CalibrationWindows:
+    """:func:`sample_random_windows` and the tokens of the distinct documents it drew from."""
     check_seqlen(seqlen, None)
     if nsamples < 1:
         raise ValueError(f"nsamples must be >= 1, got {nsamples}")
@@ -267,8 +377,10 @@ def sample_random_windows(
     if n_docs == 0:
         raise ValueError("random_windows calibration got no documents")
     rng = random.Random(seed)
-    # Documents known to be too short are not tokenised again; the draw still happens, so the
-    # random stream stays the original one. Once every document is known short, give up.
+    # A drawn document is tokenised once: a long enough one keeps its ids for later draws, a too
+    # short one only its index. Draws of a short document still happen, so the random stream
+    # stays the original one. Once every document is known short, give up.
+    kept: dict[int, Tensor] = {}
     too_short: set[int] = set()
     longest = 0
     out = torch.empty(nsamples, width, dtype=torch.long)
@@ -277,15 +389,19 @@ def sample_random_windows(
             i = rng.randint(0, n_docs - 1)
             if i in too_short:
                 continue
+            ids = kept.get(i)
+            if ids is not None:
+                break
             text = documents[i]
-            ids = (
+            encoded = (
                 _encode(tokenizer, text, add_special_tokens=specials)
                 if isinstance(text, str)
                 else []
             )
-            if len(ids) > width:
+            if len(encoded) > width:
+                ids = kept[i] = _compact(encoded)
                 break
-            longest = max(longest, len(ids))
+            longest = max(longest, len(encoded))
             too_short.add(i)
             if len(too_short) == n_docs:
                 raise ValueError(
@@ -294,8 +410,47 @@ def sample_random_windows(
                     "seqlen or use calibration_mode='packed'"
                 )
         j = rng.randint(0, len(ids) - width - 1)
-        out[s] = torch.tensor(ids[j : j + width], dtype=torch.long)
-    return _with_bos(out, bos_token_id)
+        out[s] = ids[j : j + width]
+    distinct = sum(len(ids) for ids in kept.values())
+    return CalibrationWindows(_with_bos(out, bos_token_id), distinct)
+
+
+def sample_calibration(
+    documents: Sequence[str],
+    tokenizer: Any,
+    *,
+    mode: CalibrationMode,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+) -> CalibrationWindows:
+    """Calibration windows of either mode, with the distinct tokens they came from.
+
+    Args:
+        documents: Documents in order.
+        tokenizer: A Hugging Face tokenizer.
+        mode: ``random_windows`` (:func:`sample_random_windows`) or ``packed``
+            (:func:`sample_packed`, strict).
+        nsamples: Number of windows.
+        seqlen: Tokens per window.
+        seed: Seed of ``random_windows``; ignored by ``packed``.
+        bos_token_id: Put this id first in every window.
+
+    Returns:
+        The windows and, for ``random_windows``, the distinct tokens (see
+        :class:`CalibrationWindows`).
+    """
+    if mode not in get_args(CalibrationMode):
+        raise ValueError(f"mode must be one of {get_args(CalibrationMode)}, got {mode!r}")
+    if mode == "packed":
+        windows = sample_packed(
+            documents, tokenizer, nsamples=nsamples, seqlen=seqlen, bos_token_id=bos_token_id
+        )
+        return CalibrationWindows(windows, None)
+    return _random_windows(
+        documents, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, bos_token_id=bos_token_id
+    )
 
 
 def windows_from_documents(

@@ -32,6 +32,7 @@ from prox24_lightning.models.layers import (
     set_weight_matrix,
 )
 from prox24_lightning.models.loading import (
+    check_model_source,
     load_causal_lm,
     load_tokenizer,
     max_positions_from_config,
@@ -61,6 +62,7 @@ __all__ = [
     "get_weight_matrix",
     "in_features",
     "is_conv1d",
+    "check_model_source",
     "load_causal_lm",
     "load_tokenizer",
     "max_positions_from_config",

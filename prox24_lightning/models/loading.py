@@ -37,6 +37,7 @@ from .gguf import (
 )
 
 __all__ = [
+    "check_model_source",
     "load_causal_lm",
     "load_tokenizer",
     "max_positions_from_config",
@@ -96,7 +97,15 @@ def _check_model_source(
     """
     if os.path.exists(path):
         return
-    if spec.startswith(_PATH_PREFIXES) or spec in (".", "..") or not _is_repo_id(path):
+    # ``models/nope`` next to an existing ``models/`` folder is a mistyped path, not a hub id:
+    # fail now rather than after the hub's retries.
+    parent_is_local = os.sep in spec and os.path.isdir(spec.split(os.sep, 1)[0])
+    if (
+        spec.startswith(_PATH_PREFIXES)
+        or spec in (".", "..")
+        or parent_is_local
+        or not _is_repo_id(path)
+    ):
         raise FileNotFoundError(
             f"model path {spec!r} does not exist (neither a local folder/file nor a hub id)"
         )
@@ -111,6 +120,16 @@ def _check_model_source(
                 f"model {spec!r} is not a local folder or file and not in the Hugging Face cache "
                 "(HF_HUB_OFFLINE is set, so the hub is not asked)"
             )
+
+
+def check_model_source(
+    model_name_or_path: str, *, gguf_file: str | None = None, revision: str | None = None
+) -> None:
+    """Raise ``FileNotFoundError`` (one clear line) when ``model_name_or_path`` names neither a
+    local model nor a usable hub id; the run plan and the loaders call it before any work."""
+    spec = os.path.expanduser(model_name_or_path)
+    path, gguf_name = resolve_model_path(spec, gguf_file)
+    _check_model_source(model_name_or_path, path, gguf_name, revision, ("config.json",))
 
 
 def _check_tokenizer_files(folder: str) -> None:

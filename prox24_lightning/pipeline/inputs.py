@@ -6,9 +6,16 @@ With pruned propagation each batch's output replaces its input in place
 (:meth:`BlockInputCache.replace_batch`), so one copy of the activations is alive plus the batch
 being computed; dense propagation needs the next block's inputs beside the current ones
 (:meth:`BlockInputCache.put_next`) until :meth:`BlockInputCache.advance`. Activations live on
-``storage`` (the CPU when offloading: pinned when the compute device is a GPU, so the copies
-are asynchronous) and are fetched to the compute device batch by batch. The cache is derived
-state: never checkpointed, a resumed run rebuilds it by replaying the pruned blocks.
+``storage`` and are fetched to the compute device batch by batch. The cache is derived state:
+never checkpointed, a resumed run rebuilds it by replaying the pruned blocks.
+
+**Pinned host buffers** (CPU storage, GPU compute, ``pin=True``): a batch's hidden states are
+copied once, straight into a freshly allocated page-locked buffer, and both directions are
+``non_blocking``. This is safe without explicit waits because the pipeline reads those buffers
+only through copies to the device, which the current CUDA stream orders after the copy that
+filled them, and because PyTorch's pinned-memory allocator records every non-blocking copy and
+does not reuse a freed buffer until that copy is done. A reader on the host
+(:meth:`BlockInputCache.items` without a device) waits for the stream first.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class BlockInputCache:
         self.storage = torch.device(storage)
         #: page-locked host buffers (CPU storage, GPU compute): non-blocking copies.
         self.pin = pin and self.storage.type == "cpu" and torch.cuda.is_available()
+        #: a non-blocking device-to-host copy may still be running (host reads must wait).
+        self._copies_pending = False
         #: the block whose inputs :meth:`fetch` returns (-1: none yet).
         self.block = -1
         self._current: dict[int, BlockInputs] = {}
@@ -45,10 +54,22 @@ class BlockInputCache:
         self.peak_bytes = 0
 
     def _stored(self, hidden: Tensor, kwargs: dict[str, Any]) -> BlockInputs:
-        hidden = hidden.to(self.storage)
         if self.pin and not hidden.is_pinned():
-            hidden = hidden.pin_memory()
+            # One copy, straight into page-locked memory (not a pageable copy, then a pinned
+            # one); asynchronous when it comes from the GPU (see the module docstring).
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            host.copy_(hidden, non_blocking=True)
+            self._copies_pending |= hidden.is_cuda
+            hidden = host
+        else:
+            hidden = hidden.to(self.storage)
         return hidden, block_kwargs_to(kwargs, self.storage)
+
+    def _to(
+        self, hidden: Tensor, kwargs: dict[str, Any], device: torch.device | str
+    ) -> BlockInputs:
+        """Inputs on ``device``; asynchronous from a pinned buffer (ordered on the stream)."""
+        return hidden.to(device, non_blocking=self.pin), block_kwargs_to(kwargs, device)
 
     def nbytes(self) -> int:
         """Bytes of the hidden states held now (current and next block)."""
@@ -65,7 +86,7 @@ class BlockInputCache:
     def fetch(self, batch: int, device: torch.device | str) -> BlockInputs:
         """Batch ``batch``'s inputs of the current block, on ``device``."""
         hidden, kwargs = self._current[batch]
-        return hidden.to(device, non_blocking=self.pin), block_kwargs_to(kwargs, device)
+        return self._to(hidden, kwargs, device)
 
     def put(self, block: int, batch: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
         """Cache batch ``batch``'s inputs of ``block`` (a fresh capture starts a new block)."""
@@ -97,16 +118,24 @@ class BlockInputCache:
         """Forget next-block inputs of an interrupted stage."""
         self._next = {}
 
-    def items(self, block: int) -> Iterator[tuple[int, Tensor, dict[str, Any]]]:
-        """``(batch, hidden, kwargs)`` of block ``block`` on :attr:`storage`; refuses a cache
-        that does not hold that block (a stage that skipped batches)."""
+    def items(
+        self, block: int, device: torch.device | str | None = None
+    ) -> Iterator[tuple[int, Tensor, dict[str, Any]]]:
+        """``(batch, hidden, kwargs)`` of block ``block``, on ``device`` (copied as
+        :meth:`fetch` does) or, without one, on :attr:`storage` once pending copies are done;
+        refuses a cache that does not hold that block (a stage that skipped batches)."""
         if self.block != block or not self._current:
             raise RuntimeError(
                 "no cached block inputs: propagation needs the whole epoch in one process "
                 "(limit_train_batches and the like must not skip batches)"
             )
+        if device is None and self._copies_pending:
+            torch.cuda.current_stream().synchronize()  # the host reads the buffers itself
+            self._copies_pending = False
         for i in list(self._current):
             hidden, kwargs = self._current[i]
+            if device is not None:
+                hidden, kwargs = self._to(hidden, kwargs, device)
             yield i, hidden, kwargs
 
     def advance(self) -> None:

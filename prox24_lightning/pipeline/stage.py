@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..calibration import GramCollector
 from ..faults import maybe_fail
-from ..models import block_kwargs_to, get_weight_matrix, run_block, set_weight_matrix
+from ..models import get_weight_matrix, run_block, set_weight_matrix
 from ..optim import Prox24
 from ..solvers import LayerSolve, MethodConfig, PruneResult
 from .distributed import Collective, all_gather_objects, assign_layers, broadcast_
@@ -162,8 +162,8 @@ class BlockStage:
     @torch.no_grad()
     def _replay(self, collector: GramCollector | None, *, store: bool) -> None:
         """Run the block over every cached calibration batch of this rank."""
-        for i, hidden, kwargs in self.cache.items(self.index):
-            h, kw = hidden.to(self.device), block_kwargs_to(kwargs, self.device)
+        # On the device as the cache copies (non-blocking from pinned host buffers).
+        for i, h, kw in self.cache.items(self.index, self.device):
             if collector is not None:
                 with collector.forward_pass():
                     out = run_block(self.block, h, kw)

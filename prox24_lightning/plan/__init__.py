@@ -9,9 +9,9 @@ The package's modules:
   and :class:`RunPlan` (the figures and their table);
 * :mod:`~prox24_lightning.plan.runconfig`: :func:`plan_from_config`, the plan of a ``prox24 fit``
   config;
-* this module: the disk refusal, :func:`plan_before_fit` (the start of ``prox24 fit``) and
-  :func:`plan_main` (the ``prox24 plan`` command). Every public name of the package is importable
-  from here.
+* this module: the disk refusal and :func:`plan_before_fit` (the start of ``prox24 fit``). Every
+  public name of the package is importable from here. The ``prox24 plan`` command lives with the
+  CLI (:mod:`prox24_lightning.command`), so this package never imports the CLI.
 
 :func:`check_disk` refuses a run whose output disk (the filesystem of the root folder, found by
 walking up to an existing parent) cannot hold the checkpoints and the export; the free space is
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ __all__ = [
     "model_shape",
     "plan_before_fit",
     "plan_from_config",
-    "plan_main",
     "plan_run",
     "resolve_dtype",
 ]
@@ -129,6 +128,8 @@ def plan_before_fit(run_config: Any, log: Callable[[str], None] = print) -> RunP
     cfg = _as_dict(run_config)
     try:
         plan = plan_from_config(cfg)
+    except FileNotFoundError:
+        raise  # a missing model: the run would fail on it too, so say so now and only once
     except Exception as err:  # noqa: BLE001 - a plan must never break a run it cannot size
         warnings.warn(
             f"could not plan the run ({type(err).__name__}: {err}); disk not checked", stacklevel=2
@@ -140,58 +141,3 @@ def plan_before_fit(run_config: Any, log: Callable[[str], None] = print) -> RunP
     root = (cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()
     check_disk(plan, root, resume=cfg.get("ckpt_path") is not None)
     return plan
-
-
-# -------------------------------------------------------------------------------- command
-_USAGE = """\
-usage: prox24 plan --config CONFIG [other prox24 fit arguments]
-
-Print the accelerator memory, host RAM and disk a `prox24 fit` with these arguments needs,
-computed from the model's config alone (no weights are loaded), and whether the output disk
-(trainer.default_root_dir) can hold the checkpoints and the export. Exit status 1 when it cannot.
-"""
-
-
-def _parsed_fit_config(argv: Iterable[str]) -> dict[str, Any]:
-    """The config ``prox24 fit ARGV`` would run, parsed (and defaulted) without instantiating
-    anything: LightningCLI's ``--print_config``, read back."""
-    import contextlib
-    import io
-
-    import yaml
-
-    from ..cli import cli_main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), warnings.catch_warnings():
-        # Given ``args``, LightningCLI warns that sys.argv (``plan ...``) is ignored: intended.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        try:
-            cli_main(["fit", *argv, "--print_config"])
-        except SystemExit as exit_:
-            if exit_.code not in (0, None):
-                raise
-    return yaml.safe_load(out.getvalue())
-
-
-def plan_main(argv: list[str]) -> int:
-    """``prox24 plan``: print the plan; exit status 1 when the output disk is too small."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_USAGE)
-        return 0 if argv else 2
-    cfg = _parsed_fit_config(argv)
-    plan = plan_from_config(cfg)
-    if plan is None:
-        print("prox24 plan sizes pruning runs (model: BlockwisePruner); nothing to plan")
-        return 2
-    print(plan.table())
-    root = (cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()
-    try:
-        free = check_disk(plan, root, resume=cfg.get("ckpt_path") is not None)
-    except InsufficientDiskSpace as err:
-        print(f"\nREFUSED: {err}")
-        return 1
-    print(
-        f"\noutput disk {existing_parent(root)}: {_gb(free)} free, {_gb(plan.disk_needed)} needed"
-    )
-    return 0

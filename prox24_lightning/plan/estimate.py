@@ -24,13 +24,22 @@ sharing an input; with ``n`` processes (``trainer.devices``) the rank with the l
 * One batch in and out: ``2 t h b``; forward intermediates ``F = t w (4 b + 4)``, ``w`` the widest
   layer input or output (``max(h, d_out, d_in)``: the MLP's hidden layer), 4 tensors of it in the
   model dtype plus the fp32 copy the Gram update makes of a layer input.
+* Evaluation (only when evaluation sets are configured), ``t_e = eval_batch_size x eval_seqlen``
+  tokens per evaluation batch, ``V`` the vocabulary (head rows): the final hidden states and
+  their shifted copy ``2 t_e h b``, and one chunk of logits ``c V 16`` (``c`` positions sized from
+  the budget :data:`~prox24_lightning.metrics.CHUNK_BYTES`, at most 4 fp32 copies of each logit,
+  :data:`~prox24_lightning.metrics.BYTES_PER_LOGIT`; see :mod:`~prox24_lightning.evaluation`).
+  With offload, the activations of every evaluation window wait on the host between blocks:
+  ``T_e h b`` for ``T_e`` evaluation tokens.
 * **Accelerator peak** (the sum, not the max over phases: PyTorch's caching allocator keeps what a
   phase freed reserved): without offload ``W + max_k(G_k + N_k + S_k) + 2 t h b + F`` (+ ``A``
   when the activations stay on the device); with offload the weights term is one block plus the
-  embeddings or the head plus the rest of the model: ``max_k(P_k b + G_k + N_k + S_k) + E + R``.
+  embeddings or the head plus the rest of the model: ``max_k(P_k b + G_k + N_k + S_k) + E + R``;
+  plus the evaluation's hidden states and logit chunk.
 * **Host RAM**: with offload ``W`` (each process holds the model) + ``A`` (if on the host) + the
-  calibration ids ``8 T`` per process; without offload, ``A`` if on the host + ``8 T`` + one
-  ``save_pretrained`` shard copied from the device at export, ``min(W, 50 GB)``.
+  calibration ids ``8 T`` per process + the evaluation activations ``T_e h b``; without offload,
+  ``A`` if on the host + ``8 T`` + one ``save_pretrained`` shard copied from the device at
+  export, ``min(W, 50 GB)``.
 * **Disk** under ``trainer.default_root_dir`` (checkpoints as issue 14 item 1 designs them):
   per-block shards holding the block's pruned weights, written once, ``sum_l d_out d_in b`` in
   all; per-block mask files, 1 bit per targeted weight; ``last.ckpt`` with the run state only (the
@@ -44,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..metrics import BYTES_PER_LOGIT, CHUNK_BYTES, tokens_per_chunk
 from ..pipeline.distributed import assign_layers
 from ..solvers.methods import make_config
 from .shapes import BlockShape, LayerShape, ModelShape
@@ -83,8 +93,11 @@ class RunSettings:
         offload_activations: the activation cache in host memory.
         sequential: ``block`` (a block's layers solved at once) or ``true_sequential``.
         world_size: processes (one accelerator each) on this machine.
-        eval_tokens: tokens of the evaluation sets (token cache only).
+        eval_tokens: tokens of the evaluation sets (token cache; with offload, their
+            activations on the host).
         eval_note: what the evaluation estimate could not count.
+        eval_seqlen, eval_batch_size: evaluation window length (default ``seqlen``) and windows
+            per evaluation batch.
         method: the pruning method (its own buffers join the accelerator peak).
         solver: its settings (a mapping, as the config's ``solver:``, or a method config).
     """
@@ -98,6 +111,8 @@ class RunSettings:
     world_size: int = 1
     eval_tokens: int = 0
     eval_note: str = ""
+    eval_seqlen: int | None = None
+    eval_batch_size: int = 1
     method: str = "prox"
     solver: Any = None
 
@@ -316,6 +331,30 @@ def plan_run(shape: ModelShape, settings: RunSettings, model_name: str = "") -> 
             f"{s.batch_size} x {s.seqlen} x {width} x ({FORWARD_COPIES} x {b} B + 4 B)",
         )
     )
+    # Evaluation sets are configured when the token cache counts some or names unknown ones.
+    evaluates = s.eval_tokens > 0 or bool(s.eval_note)
+    if evaluates:
+        eval_seqlen = s.eval_seqlen or s.seqlen
+        eval_batch = s.eval_batch_size * eval_seqlen
+        plan.device.append(
+            (
+                "evaluation: final hidden states (x2)",
+                2 * eval_batch * h * b,
+                f"2 x {s.eval_batch_size} x {eval_seqlen} x {h} x {b} B (and the shifted copy)",
+            )
+        )
+        vocab = shape.head_params // h if h else 0
+        if vocab:
+            positions = s.eval_batch_size * max(eval_seqlen - 1, 1)
+            chunk = min(positions, tokens_per_chunk(vocab, CHUNK_BYTES))
+            plan.device.append(
+                (
+                    "evaluation: one chunk of logits",
+                    chunk * vocab * BYTES_PER_LOGIT,
+                    f"{chunk} positions x {vocab} vocab x {BYTES_PER_LOGIT} B (budget "
+                    f"{CHUNK_BYTES / 2**20:.0f} MiB; the head runs chunk by chunk)",
+                )
+            )
 
     cache_bytes = tokens * h * b
     ids = tokens * TOKEN_BYTES
@@ -331,6 +370,14 @@ def plan_run(shape: ModelShape, settings: RunSettings, model_name: str = "") -> 
     if s.activations_on_host:
         plan.host.append(
             ("activation cache (one copy)", cache_bytes, f"{s.nsamples} x {s.seqlen} x {h} x {b} B")
+        )
+    if s.offload and s.eval_tokens:
+        plan.host.append(
+            (
+                "evaluation activations (offload: every window waits between blocks)",
+                s.eval_tokens * h * b,
+                f"{s.eval_tokens:,} evaluation tokens x {h} x {b} B",
+            )
         )
     plan.host.append(
         (

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..data.windows import C4_EVAL_WINDOWS, resolve_seqlen
 from .estimate import RunPlan, RunSettings, plan_run
 from .shapes import load_model_config, model_shape, resolve_dtype
 
 __all__ = ["plan_from_config"]
 
-#: C4 validation windows the evaluation uses (``prox24_lightning.data.windows.C4_EVAL_WINDOWS``).
-C4_EVAL_WINDOWS = 256
 #: WikiText2 test tokens with the Llama-2 tokenizer (other tokenizers differ by some percent).
 WIKITEXT2_TEST_TOKENS = 341_469
 
@@ -52,9 +51,9 @@ def _world_size(devices: Any) -> int:
     return 1
 
 
-def _eval_tokens(data: Mapping[str, Any]) -> tuple[int, str]:
-    """Evaluation tokens for the token cache, and what could not be estimated."""
-    seqlen = int(_get(data, "eval_seqlen") or _get(data, "seqlen", 2048))
+def _eval_tokens(data: Mapping[str, Any], seqlen: int) -> tuple[int, str]:
+    """Evaluation tokens for the token cache, and what could not be estimated; ``seqlen`` is
+    the resolved evaluation window length."""
     cap = _get(data, "max_eval_windows")
     total, unknown = 0, []
     for name, source in (_get(data, "validation") or {}).items():
@@ -102,10 +101,15 @@ def plan_from_config(run_config: Any) -> RunPlan | None:
         ignore=init.get("ignore"),
         trust_remote_code=bool(init.get("trust_remote_code", False)),
     )
-    eval_tokens, eval_note = _eval_tokens(data)
+    # The window lengths fit runs at (the same resolution as PruningDataModule's).
+    seqlen = resolve_seqlen(_get(data, "seqlen"), shape.max_positions)
+    eval_seqlen = int(_get(data, "eval_seqlen", seqlen))
+    eval_tokens, eval_note = _eval_tokens(data, eval_seqlen)
     settings = RunSettings(
         nsamples=int(_get(data, "nsamples", 128)),
-        seqlen=int(_get(data, "seqlen", 2048)),
+        seqlen=seqlen,
+        eval_seqlen=eval_seqlen,
+        eval_batch_size=int(_get(data, "eval_batch_size", 1)),
         batch_size=int(_get(data, "batch_size", 1)),
         offload=bool(init.get("offload", False)),
         offload_activations=bool(init.get("offload_activations", False)),

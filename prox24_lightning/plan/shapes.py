@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..calibration import GramCollector
 from ..models import (
+    check_model_source,
     find_blocks,
     find_linear_layers,
     in_features,
@@ -163,6 +164,7 @@ def load_model_config(
     spec = os.fspath(model_name_or_path)
     if spec.endswith(".json") and os.path.isfile(spec):
         return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    check_model_source(spec, gguf_file=gguf_file, revision=revision)
     path, gguf_name = resolve_model_path(spec, gguf_file)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_name is not None:
@@ -205,8 +207,10 @@ def resolve_dtype(
         return explicit
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for source in (config, text):
-        for attr in ("dtype", "torch_dtype"):
-            found = _as_dtype(getattr(source, attr, None))
+        # transformers 5 renamed ``torch_dtype`` to ``dtype`` and warns on the old property;
+        # an older config object still carries it as a plain attribute.
+        for found in (getattr(source, "dtype", None), vars(source).get("torch_dtype")):
+            found = _as_dtype(found)
             if found is not None:
                 return found
     return torch.float32

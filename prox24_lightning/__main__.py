@@ -1,0 +1,3 @@
+from prox24_lightning.command import main
+
+main()
