@@ -1,4 +1,4 @@
-"""Atomic file writes and mask (de)serialisation (no Lightning here).
+"""Atomic file writes, mask (de)serialisation and the file hash (no Lightning here).
 
 Every artifact is written to a temporary name in the same directory and renamed with
 ``os.replace``, so a crash can never leave a half-written file under the final name. Temporary
@@ -12,6 +12,7 @@ checker is :mod:`prox24_lightning.check`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from .ops.masks import pack_mask, unpack_mask
 __all__ = [
     "atomic_write",
     "atomic_dir",
+    "file_sha256",
     "save_masks",
     "load_masks",
     "write_json",
@@ -157,6 +159,17 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         raise clear from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes: the one content fingerprint of the project's files (block
+    shards, token-cache sources, report provenance). Read in 16 MiB chunks, so multi-GB shards
+    never sit in memory whole."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 
 from .models import in_features
@@ -27,7 +26,6 @@ class GramCollector:
 
     Args:
         layers: ``{qualified name: module}`` (``nn.Linear`` or GPT-2 ``Conv1D``), in module order.
-        device: where the Gram matrices live (defaults to each layer's weight device).
         only: names whose inputs are accumulated (``None``: all); hooks on other layers still run
             so that groups are discovered.
     """
@@ -36,11 +34,9 @@ class GramCollector:
         self,
         layers: dict[str, nn.Module],
         *,
-        device: torch.device | str | None = None,
         only: set[str] | None = None,
     ) -> None:
         self.layers = layers
-        self.device = device
         self.only = only
         #: layer name -> name of the first layer that consumed the same input (its "leader").
         self.leader: dict[str, str] = {}
@@ -67,8 +63,8 @@ class GramCollector:
                 return
             acc = self.grams.get(name)
             if acc is None:
-                dev = self.device if self.device is not None else module.weight.device
-                acc = self.grams[name] = GramAccumulator(in_features(module), dev)
+                # The Gram lives where the layer's weight, and so its input, is.
+                acc = self.grams[name] = GramAccumulator(in_features(module), module.weight.device)
             acc.update(x.detach())
 
         return hook

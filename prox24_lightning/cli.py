@@ -49,6 +49,7 @@ from .callbacks import (
 from .console import quiet
 from .data import PruningDataModule
 from .plan import plan_before_fit
+from .plan.runconfig import device_count
 from .runfolder import RunFolder, guard_fit
 
 __all__ = ["Prox24CLI", "cli_main", "resume_command"]
@@ -68,20 +69,6 @@ def max_positions(model_name_or_path: str | None) -> int | None:
         return max_positions_from_config(AutoConfig.from_pretrained(path))
     except (OSError, ValueError):
         return None
-
-
-def _device_count(devices: Any) -> int:
-    """Devices ``trainer.devices`` names explicitly (``auto`` and -1 count as one: unknown)."""
-    if isinstance(devices, bool):
-        return 1
-    if isinstance(devices, int):
-        return max(1, devices)
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if text.isdigit():
-        return int(text)
-    return len([d for d in text.split(",") if d.strip()]) if "," in text else 1
 
 
 def _check_evaluation_sets(validation: Any, subcommand: str) -> None:
@@ -207,7 +194,7 @@ class Prox24CLI(LightningCLI):
         if (
             _is_pruner(cfg.model.class_path)
             and trainer.strategy in (None, "auto")
-            and _device_count(trainer.devices) > 1
+            and device_count(trainer.devices) > 1
         ):
             # Lightning's default for several devices is DDP, which refuses a module with nothing
             # to train; the pruner's strategy is DDP's process group without the wrapper.

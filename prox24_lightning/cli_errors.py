@@ -9,13 +9,16 @@ failed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import errno
 import importlib
 import inspect
 import re
+import typing
 from argparse import ArgumentError
 from collections.abc import Iterator, Sequence
+from dataclasses import is_dataclass
 from pathlib import Path
 
 __all__ = ["DEBUG_HINT", "config_files", "user_error"]
@@ -25,7 +28,8 @@ DEBUG_HINT = "(--debug shows the traceback)"
 _UNACCEPTED = re.compile(r"Option '([\w.]+)' is not accepted")
 _PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
 _CLASS_PATH = re.compile(r"class_path '([\w.]+)'")
-_UNRECOGNIZED = re.compile(r"Unrecognized arguments: (\S+)")
+_UNRECOGNIZED = re.compile(r"[Uu]nrecognized arguments: --?([\w.]+)")
+_GROUP_OPTION = re.compile(r"Group '([\w.]+)' does not accept option '(\w+)'")
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -66,12 +70,17 @@ def _yaml_error(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _accepted_options(class_path: str) -> list[str]:
+def _accepted_options(class_path: str, group: str = "") -> list[str]:
+    """The options of ``class_path``'s constructor, or of its argument ``group`` when that is
+    a dataclass (``solver``: :class:`~prox24_lightning.solvers.SolverSettings`)."""
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
+        if group:
+            hint = typing.get_type_hints(cls.__init__).get(group.split(".")[0])
+            return [f.name for f in dataclasses.fields(hint)] if is_dataclass(hint) else []
         params = inspect.signature(cls.__init__).parameters
-    except (ImportError, AttributeError, ValueError, TypeError):
+    except (ImportError, AttributeError, ValueError, TypeError, NameError):
         return []
     return [p for p in params if p != "self" and not p.startswith("_")]
 
@@ -90,6 +99,13 @@ def _parse_error(chain: list[BaseException], argv: Sequence[str]) -> str:
         found = _yaml_error(argv)
         if found:
             return found
+    class_path = _CLASS_PATH.search(text)
+    nested = _GROUP_OPTION.search(text) or _UNRECOGNIZED.search(text)
+    if nested and class_path and "." in ".".join(nested.groups()):
+        group, _, option = ".".join(nested.groups()).rpartition(".")
+        options = _accepted_options(class_path.group(1), group)
+        where = f"--{key}.{group}.{option}" if key else f"--{group}.{option}"
+        return f"unknown option {where}{_did_you_mean(option, options)}"
     unaccepted = _UNACCEPTED.search(text)
     if unaccepted:
         option = unaccepted.group(1)

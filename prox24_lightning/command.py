@@ -99,10 +99,11 @@ def _calibration_coverage(cfg: dict) -> str | None:
     """For a local calibration source: whether the windows overlap, from the same tokenisation
     (and token cache) fit uses. Hub sources are not downloaded for a plan."""
     from .data import PruningDataModule
+    from .data.sources import to_source
 
     data = dict(cfg.get("data") or {})
-    calibration = data.get("calibration") or {}
-    if calibration.get("path") is None and calibration.get("name") != "wiki_offline":
+    source = to_source(data.get("calibration") or {})
+    if source.kind.reads_hub(source):
         return None
     model = ((cfg.get("model") or {}).get("init_args") or {}).get("model_name_or_path")
     data["tokenizer"] = data.get("tokenizer") or model

@@ -63,6 +63,7 @@ from .pipeline import (
 )
 from .reports import block_metrics, format_block_line
 from .solvers import METHODS, MethodConfig, PruneResult, make_config
+from .solvers.solver_settings import SolverSettings, as_solver_mapping
 
 __all__ = ["BlockwisePruner"]
 
@@ -99,9 +100,10 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         model_name_or_path: hub id, local directory, ``.gguf`` file or ``pypi:<package>``.
         method: the one switch, a name of :data:`~prox24_lightning.solvers.METHODS`: ``prox``
             (Kübler et al.), ``wanda``, ``sparsegpt``, ``magnitude``, ``alps``, ``admm``.
-        solver: the method's settings (its config dataclass's fields; see
-            :func:`~prox24_lightning.solvers.make_config`): ``{recipe: fast, beta: 1.05}`` starts
-            from a named prox recipe; ``refine_steps > 0`` adds refinement ("+GD") to a baseline.
+        solver: the method's settings, :class:`~prox24_lightning.solvers.SolverSettings` (every
+            key with its type and default in ``prox24 fit --help``; in Python a mapping works
+            too): ``{recipe: fast, beta: 1.05}`` starts from a named prox recipe; ``refine_steps
+            > 0`` adds refinement ("+GD") to a baseline; keys of another method are ignored.
         dtype: weights dtype when loading (``auto`` = the checkpoint's).
         revision: hub revision (commit, tag or branch) for reproducibility.
         gguf_file: GGUF file name inside ``model_name_or_path``.
@@ -125,7 +127,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self,
         model_name_or_path: str,
         method: str = "prox",
-        solver: dict[str, Any] | None = None,
+        solver: SolverSettings = SolverSettings(),  # noqa: B008 (frozen dataclass)
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         revision: str | None = None,
         gguf_file: str | None = None,
@@ -148,7 +150,7 @@ class BlockwisePruner(PerplexityEvaluation, L.LightningModule):
         self.model_name_or_path = model_name_or_path
         self.method = method
         #: the method's validated config (e.g. :class:`~prox24_lightning.solvers.ProxConfig`).
-        self.solver: MethodConfig = make_config(method, solver)
+        self.solver: MethodConfig = make_config(method, as_solver_mapping(solver))
         self.dtype_name = dtype
         self._settings = StageSettings(method, self.solver, propagation, sequential, progress_every)
         self.automatic_optimization = False

@@ -16,6 +16,7 @@ import torch
 from test_solvers import assert_exact_2of4, llm_like_layer, loss64
 
 from prox24_lightning.ops import DiagonalNormalization, normalize
+from prox24_lightning.ops.cg import masked_cg
 from prox24_lightning.solvers import (
     METHODS,
     ADMMConfig,
@@ -26,7 +27,7 @@ from prox24_lightning.solvers import (
     prune_weight,
 )
 from prox24_lightning.solvers.admm import gradual_mask, sparsity_schedule
-from prox24_lightning.solvers.alps import alps_admm, alps_coordinates, masked_cg
+from prox24_lightning.solvers.alps import alps_admm, alps_coordinates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

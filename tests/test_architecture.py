@@ -108,3 +108,36 @@ def test_recipes_by_name_with_overrides():
     assert make_config("sparsegpt", {"recipe": "paper", "refine_steps": 7}).refine_steps == 7
     with pytest.raises(ValueError, match=r"unknown solver setting\(s\) betta .* valid: recipe"):
         make_config("prox", {"betta": 1.1})
+
+
+def test_no_solver_reads_the_optimizers_state():
+    """A method's solve asks its optimizer through typed calls (``status``, ``replace_support``),
+    never by reading or writing the optimizer's state dict by key."""
+    offenders = []
+    for path in (PACKAGE / "solvers").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("layer_state", "state_dict"):
+                offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "state"
+            ):
+                offenders.append(f"{path.name}:{node.lineno} .state[...]")
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                if node.slice.value in ("phase", "prox_steps", "lam", "frac_2of4", "forced"):
+                    offenders.append(f"{path.name}:{node.lineno} [{node.slice.value!r}]")
+    assert not offenders, offenders
+
+
+def test_one_masked_cg():
+    """Conjugate gradients on a fixed support are written once (ops/cg.py)."""
+    import re
+
+    writers = [
+        p.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("*.py")
+        if re.search(r"rr_new|\brr\s*=\s*\(", p.read_text())
+    ]
+    assert writers == ["ops/cg.py"], writers

@@ -187,7 +187,7 @@ def test_top_level_help_is_complete_and_fast(tmp_path):
     assert typo.returncode == 2 and "did you mean 'fit'?" in typo.stderr
 
 
-def test_fit_help_starts_with_the_pruner_options(tmp_path):
+def test_fit_help_starts_with_the_pruner_options_and_types_every_solver_key(tmp_path):
     p = subprocess.run(
         [*_executable(), "fit", "--help"], capture_output=True, text=True, env=_env(tmp_path)
     )
@@ -195,6 +195,27 @@ def test_fit_help_starts_with_the_pruner_options(tmp_path):
     text = p.stdout
     assert text.index("--model.model_name_or_path") < text.index("--trainer.accelerator")
     assert text.index("--model.solver") < text.index("--trainer.accelerator")
+    # Every method's settings, typed, with the default each method uses when unset.
+    entries = {
+        "beta": ("Optional[float]", "null = 1.45 (prox)"),
+        "lambda0": ("Optional[float]", "null = 0.03 (prox)"),
+        "mask_search_rounds": ("Optional[int]", "null = 0 (prox)"),
+        "alps_rho0": ("Optional[float]", "null = 0.1 (alps)"),
+    }
+    flat = " ".join(text.split())
+    for key, (typ, default) in entries.items():
+        start = flat.index(f"--model.solver.{key} ")
+        entry = flat[start : flat.index("--model.solver.", start + 10)]
+        assert f"(type: {typ}" in entry and default in entry, entry
+
+
+def test_a_misspelt_solver_key_fails_at_parse_time(files, tmp_path):
+    """No model is loaded and no run folder is made: the parser refuses the key, naming it."""
+    cmd = [*_executable(), *_fit(files, tmp_path / "o"), "--model.init_args.solver.betta", "1.1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert p.returncode == 2
+    assert "unknown option --model.solver.betta; did you mean 'beta'?" in p.stderr, p.stderr
+    assert "Run plan" not in p.stdout and not (tmp_path / "o").exists()
 
 
 def test_several_devices_pick_the_pruners_ddp_strategy(files, tmp_path):
@@ -258,3 +279,31 @@ def test_plan_warns_when_calibration_windows_overlap(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "WARNING: calibration: 8 windows x 128 tokens = 1,024 drawn from" in out
     assert f"distinct tokens in {small}: windows overlap" in out
+
+
+def test_library_errors_become_one_line_naming_the_file_or_option():
+    import errno
+    import re
+
+    from prox24_lightning.cli_errors import user_error
+
+    def wrapped(err: Exception) -> Exception:
+        try:
+            try:
+                raise err
+            except Exception as inner:
+                raise ValueError("Does not validate against any of the Union subtypes") from inner
+        except ValueError as outer:
+            return outer
+
+    read_only = user_error(wrapped(OSError(errno.EROFS, "Read-only file system", "/ro/out")))
+    assert read_only.startswith("cannot write /ro/out: Read-only file system")
+    assert "--trainer.default_root_dir" in read_only
+    full = user_error(OSError(errno.ENOSPC, "No space left on device", "/big/last.ckpt"))
+    assert full.startswith("disk full while writing /big/last.ckpt")
+    try:
+        re.compile("(")
+    except re.error as err:
+        regex = user_error(wrapped(err))
+    assert "invalid regular expression '('" in regex and "--model.targets" in regex
+    assert user_error(RuntimeError("a bug")) is None  # not the user's: the traceback stays

@@ -44,6 +44,11 @@ from prox24_lightning.testing import save_tiny_model, tiny_causal_lm
 SETTINGS = {**PROX_SOLVER, "model.solver.refine_steps": "5", "data.max_eval_windows": "4"}
 
 
+def part_bytes(offload: OffloadedModel, part: str) -> int:
+    """Bytes of the store tensors of one part (tied tensors counted once)."""
+    return sum(offload.store[k].nbytes for k in offload.parts[part])
+
+
 def _args(model: str, out: Path, text: tuple[Path, Path], method: str, **extra: str) -> list[str]:
     train, held_out = text
     callbacks = block_checkpoints(out)
@@ -132,12 +137,12 @@ def test_onload_parts_refcounts_and_writeback():
     tied = offload.key("lm_head.weight")
     assert tied == offload.key("transformer.wte.weight")
     assert tied in offload.parts[EMBED] and tied in offload.parts[HEAD]
-    assert sum(offload.block_bytes(p) for p in offload.parts) - offload.block_bytes(HEAD) == total
+    assert sum(part_bytes(offload, p) for p in offload.parts) - part_bytes(offload, HEAD) == total
     with offload.onload(b0, "cpu"):
-        assert resident_bytes(lm) == offload.block_bytes(b0)
+        assert resident_bytes(lm) == part_bytes(offload, b0)
         with offload.onload([b0, EMBED], "cpu"):  # nested: shared, not duplicated
-            assert resident_bytes(lm) == offload.block_bytes(b0) + offload.block_bytes(EMBED)
-        assert resident_bytes(lm) == offload.block_bytes(b0)
+            assert resident_bytes(lm) == part_bytes(offload, b0) + part_bytes(offload, EMBED)
+        assert resident_bytes(lm) == part_bytes(offload, b0)
         assert lm.lm_head.weight.device.type == "meta"
     assert resident_bytes(lm) == 0
     with offload.onload([HEAD, REST], "cpu"):
@@ -225,8 +230,8 @@ def test_device_resident_bytes_are_one_block_and_do_not_grow_with_depth(tmp_path
         kinds = {what for what, _ in meter.samples}
         # every phase was measured: each block, the head (evaluation), batches and solver steps
         assert {name for name, _ in offload.blocks} | {"lm_head", "batch", "solver"} <= kinds
-        block = max(offload.block_bytes(name) for name, _ in offload.blocks)
-        embed, head, rest = (offload.block_bytes(p) for p in (EMBED, HEAD, REST))
+        block = max(part_bytes(offload, name) for name, _ in offload.blocks)
+        embed, head, rest = (part_bytes(offload, p) for p in (EMBED, HEAD, REST))
         # The tight claim: one block, or the embeddings (+ rest), or the head (+ rest).
         assert meter.peak <= max(block, embed + rest, head + rest)
         # The brief's bound: one block plus embeddings and head, plus small things.
@@ -374,7 +379,7 @@ def test_cuda_onload_holds_one_part_and_writes_back():
     before = offload.store[key].clone()
     for writeback in (False, True):
         with offload.onload(name, "cuda", writeback=writeback):
-            assert resident_bytes(lm, "cuda") == offload.block_bytes(name) == resident_bytes(lm)
+            assert resident_bytes(lm, "cuda") == part_bytes(offload, name) == resident_bytes(lm)
             block.mlp.down_proj.weight.mul_(0)  # in place, on the device copy
         assert torch.equal(offload.store[key], torch.zeros_like(before) if writeback else before)
     assert torch.cuda.memory_allocated() == base

@@ -430,13 +430,15 @@ def test_add_layer_refuses_duplicates_and_unknown_settings():
     assert dict(opt.layer_state("w")) == state
 
 
-def test_beta_one_is_allowed_and_constant():
+def test_beta_must_grow_lambda_as_in_the_config():
+    """One rule for the optimizer and the config (ProxPhaseSettings): beta = 1 never grows
+    lambda, so every layer would run to max_prox_steps and be forced."""
     _, problem = make_problem(11, d_in=32, d_out=4)
-    opt = Prox24(beta=1.0, lambda0=0.3)
-    opt.add_layer("w", problem)
-    for _ in range(3):
-        opt.step()
-    assert opt.layer_state("w")["lam"] == 0.3
+    with pytest.raises(ValueError, match=r"beta must be > 1 \(lambda must grow\), got 1.0"):
+        Prox24(beta=1.0, lambda0=0.3)
+    opt = Prox24(lambda0=0.3)
+    with pytest.raises(ValueError, match="beta must be > 1"):
+        opt.add_layer("w", problem, beta=1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

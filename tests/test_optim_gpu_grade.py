@@ -231,17 +231,22 @@ def test_settings_reach_the_optimizer_and_are_validated():
         Prox24(check_every=0)
 
 
-def test_every_optimizer_setting_is_a_prox_config_field():
-    """``optimizer_hparams`` copies fields by name: a new ``Prox24`` keyword needs its field."""
+def test_the_prox_config_inherits_the_optimizers_settings():
+    """One dataclass names, defaults and checks the prox phase's settings: ``ProxConfig``
+    inherits it, ``Prox24`` takes its fields, ``optimizer_hparams`` copies exactly those."""
     import dataclasses
 
+    from prox24_lightning.optim import ProxPhaseSettings
     from prox24_lightning.solvers import ProxConfig
-    from prox24_lightning.solvers.layer import OPTIMIZER_KEYS
 
-    assert "lambda0" in OPTIMIZER_KEYS and "prox_tf32" in OPTIMIZER_KEYS
-    assert set(OPTIMIZER_KEYS) <= {f.name for f in dataclasses.fields(ProxConfig)}
+    assert issubclass(ProxConfig, ProxPhaseSettings)
+    names = set(ProxPhaseSettings.names())
+    assert {"lambda0", "beta", "prox_tf32", "rho0"} <= names
+    assert set(Prox24().defaults) == names | {"refine", "refine_steps", "name"}
+    for f in dataclasses.fields(ProxPhaseSettings):  # the defaults are written once
+        assert getattr(ProxConfig(), f.name) == Prox24().defaults[f.name] == f.default
     hp = optimizer_hparams(make_config("prox", {"recipe": "paper"}), 1000, rms=None)
-    assert set(hp) == set(OPTIMIZER_KEYS) and hp["lambda0"] == 0.01
+    assert set(hp) == names | {"refine", "refine_steps"} and hp["lambda0"] == 0.01
     assert set(optimizer_hparams(make_config("sparsegpt"), 0, rms=None)) == {
         "refine",
         "refine_steps",

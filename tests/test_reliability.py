@@ -24,11 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from prox24_lightning.artifacts import load_masks, save_masks
+from prox24_lightning.artifacts import file_sha256, load_masks, save_masks
 from prox24_lightning.check import check_export
 from prox24_lightning.cli import cli_main
 from prox24_lightning.models import find_blocks
-from prox24_lightning.pipeline.shards import file_sha256
 from prox24_lightning.pruner import BlockwisePruner
 from prox24_lightning.runfolder import RunFolderError
 from prox24_lightning.testing import offline_tokenizer, save_tiny_model, tiny_causal_lm

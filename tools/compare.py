@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -67,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prox24_lightning.artifacts import atomic_write
+from prox24_lightning.artifacts import atomic_write, file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,7 +212,7 @@ def plan_variants(
         extra.append(f"--{key}={value}")
     common_key = {  # no absolute paths: results stay valid in another checkout
         "config": _rel(config),
-        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+        "config_sha256": file_sha256(config),
         "sets": extra,
     }
     solver = "--model.init_args.solver."

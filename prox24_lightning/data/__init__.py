@@ -1,9 +1,10 @@
 """Calibration and evaluation data: text sources, cached tokenisation, the DataModule.
 
-The pure functions (no Lightning) live in :mod:`~prox24_lightning.data.sources` (text sources and
-loading their documents), :mod:`~prox24_lightning.data.windows` (tokenisation into calibration
-samples and evaluation windows) and :mod:`~prox24_lightning.data.cache` (the on-disk token cache,
-fingerprints, provenance); :class:`PruningDataModule` wires them into the Lightning life cycle.
+The pure functions (no Lightning) live in :mod:`~prox24_lightning.data.sources` (the source
+registry: one class per kind of text source, loading its documents),
+:mod:`~prox24_lightning.data.windows` (tokenisation into calibration samples and evaluation
+windows) and :mod:`~prox24_lightning.data.cache` (the on-disk token cache, fingerprints,
+provenance); :class:`PruningDataModule` wires them into the Lightning life cycle.
 """
 
 from prox24_lightning.data.cache import (
@@ -18,8 +19,11 @@ from prox24_lightning.data.datamodule import (
     default_validation_sources,
 )
 from prox24_lightning.data.sources import (
+    SOURCES,
+    SourceKind,
     TextSource,
     load_documents,
+    register_source,
     to_source,
     wiki_offline_path,
 )
@@ -43,9 +47,11 @@ from prox24_lightning.paths import default_cache_dir
 __all__ = [
     "C4_EVAL_DOCUMENTS",
     "C4_EVAL_WINDOWS",
+    "SOURCES",
     "BosMode",
     "CalibrationMode",
     "PruningDataModule",
+    "SourceKind",
     "TextSource",
     "TokenWindows",
     "c4_validation_windows",
@@ -56,6 +62,7 @@ __all__ = [
     "evaluation_windows",
     "load_documents",
     "max_positions_from_config",
+    "register_source",
     "resolve_bos",
     "sample_packed",
     "sample_random_windows",

@@ -27,29 +27,14 @@ from typing import Any, get_args
 import torch
 from torch import Tensor
 
-from ..artifacts import atomic_write
+from ..artifacts import atomic_write, file_sha256
 from ..paths import default_cache_dir
-from .sources import (
-    _HUB_NAMES,
-    C4_HUB_ID,
-    C4_TRAIN_FILE,
-    C4_VALIDATION_FILE,
-    WIKITEXT2_CONFIG,
-    WIKITEXT_HUB_ID,
-    TextSource,
-    _local_files,
-    load_documents,
-    to_source,
-)
+from .sources import TextSource, load_documents, to_source
 from .windows import (
-    C4_EVAL_DOCUMENTS,
-    C4_EVAL_WINDOWS,
     CalibrationMode,
     CalibrationWindows,
-    c4_validation_windows,
     check_seqlen,
     sample_calibration,
-    wikitext2_windows,
 )
 
 __all__ = [
@@ -95,20 +80,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def _file_fingerprint(path: Path) -> dict[str, Any]:
     st = path.stat()
     if st.st_size <= _HASH_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(2**20), b""):
-                digest.update(chunk)
-        return {"sha256": digest.hexdigest()}
+        return {"sha256": file_sha256(path)}
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _source_fingerprint(source: TextSource) -> dict[str, Any]:
     spec = asdict(source)
-    if source.path is None and source.name in _HUB_NAMES:
+    if source.kind.reads_hub(source):
         return {"spec": spec, "hub": True}
     # Local content, not the path, decides validity: an edited file invalidates the entry.
-    return {"spec": spec, "files": [_file_fingerprint(f) for f in _local_files(source)]}
+    return {"spec": spec, "files": [_file_fingerprint(f) for f in source.kind.files(source)]}
 
 
 def source_provenance(source: TextSource | Mapping[str, Any] | str) -> dict[str, Any]:
@@ -119,34 +100,12 @@ def source_provenance(source: TextSource | Mapping[str, Any] | str) -> dict[str,
 
     Returns:
         ``{"spec": ..., "files": [{"path", "size", "sha256"}, ...]}`` for local files (the full
-        SHA-256 of every file, whatever its size), or ``{"spec": ..., "hub": {...}}`` with the
-        dataset id and file for hub sources.
+        SHA-256 of every file, whatever its size), or ``{"spec": ..., "hub": {...}}`` with what
+        the source's kind records of its hub dataset (id and file or config and split); see
+        :meth:`~prox24_lightning.data.sources.SourceKind.provenance`.
     """
     source = to_source(source)
-    spec = asdict(source)
-    if source.path is None and source.name in _HUB_NAMES:
-        if source.name == "wikitext2":
-            hub = {
-                "id": WIKITEXT_HUB_ID,
-                "config": WIKITEXT2_CONFIG,
-                "split": source.split or "test",
-            }
-        else:
-            hub = {
-                "id": C4_HUB_ID,
-                "file": C4_TRAIN_FILE if source.name == "c4" else C4_VALIDATION_FILE,
-            }
-        return {"spec": spec, "hub": hub}
-    files = []
-    for f in _local_files(source):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(2**20), b""):
-                digest.update(chunk)
-        files.append(
-            {"path": str(f.resolve()), "size": f.stat().st_size, "sha256": digest.hexdigest()}
-        )
-    return {"spec": spec, "files": files}
+    return source.kind.provenance(source)
 
 
 def _cached(
@@ -298,12 +257,15 @@ def evaluation_windows(
     use_cache: bool = True,
     bos_token_id: int | None = None,
 ) -> Tensor:
-    """Perplexity windows of ``source`` under its protocol, cached on disk.
+    """Perplexity windows of ``source`` under its kind's protocol, cached on disk.
 
-    ``c4`` and ``c4_validation`` use the C4 protocol (:func:`c4_validation_windows`; first
-    ``max_documents`` or 1100 documents, at most ``max_windows`` or 256 windows). Every other
-    source uses the WikiText2 protocol (:func:`wikitext2_windows`; all documents joined with
-    ``"\\n\\n"``, at most ``max_windows`` windows).
+    The kind's :meth:`~prox24_lightning.data.sources.SourceKind.evaluation_windows` makes them:
+    ``c4`` and ``c4_validation`` use the C4 protocol
+    (:func:`~prox24_lightning.data.windows.c4_validation_windows`; first ``max_documents`` or
+    1100 documents, at most ``max_windows`` or 256 windows), the others by default the WikiText2
+    protocol (:func:`~prox24_lightning.data.windows.wikitext2_windows`; all documents joined
+    with ``"\\n\\n"``, at most ``max_windows`` windows). The protocol's tag
+    (``eval_protocol``) is part of the cache key.
 
     Args:
         source: The source spec.
@@ -319,30 +281,21 @@ def evaluation_windows(
     """
     source = to_source(source)
     check_seqlen(seqlen, None)
-    c4_protocol = source.name in ("c4", "c4_validation")
-    params = {
-        "seqlen": seqlen,
-        "max_windows": max_windows,
-        "protocol": "c4" if c4_protocol else "wt2",
-    }
+    kind = source.kind
+    params = {"seqlen": seqlen, "max_windows": max_windows, "protocol": kind.eval_protocol}
     if bos_token_id is not None:
         params["bos_token_id"] = bos_token_id
 
     def compute() -> tuple[Tensor, dict[str, Any]]:
         docs = load_documents(source, cache_dir=cache_dir)
-        if c4_protocol:
-            windows = c4_validation_windows(
-                docs,
-                tokenizer,
-                seqlen=seqlen,
-                n_documents=source.max_documents or C4_EVAL_DOCUMENTS,
-                n_windows=max_windows if max_windows is not None else C4_EVAL_WINDOWS,
-                bos_token_id=bos_token_id,
-            )
-        else:
-            windows = wikitext2_windows(
-                docs, tokenizer, seqlen=seqlen, max_windows=max_windows, bos_token_id=bos_token_id
-            )
+        windows = kind.evaluation_windows(
+            source,
+            docs,
+            tokenizer,
+            seqlen=seqlen,
+            max_windows=max_windows,
+            bos_token_id=bos_token_id,
+        )
         return windows, {}
 
     return _cached("eval", source, tokenizer, params, cache_dir, use_cache, compute)[0]

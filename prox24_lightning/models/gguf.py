@@ -195,7 +195,7 @@ def gguf_metadata_value(gguf_path: str | os.PathLike[str], key: str) -> Any:
     """One metadata value of a GGUF file (``None`` if the key is absent).
 
     Reads the key/value header only, skipping the tensors and the large token arrays, so it takes
-    milliseconds where ``gguf.GGUFReader`` parses the whole file (seconds for SmolLM2).
+    little time where ``gguf.GGUFReader`` parses the whole file.
 
     Raises:
         ValueError: If the file is not a GGUF v2/v3 file or its header is truncated.
@@ -296,8 +296,8 @@ def _strip_quantization(model: PreTrainedModel) -> None:
 def convert_gguf_to_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     """Convert a GGUF file once into a normal ``save_pretrained`` folder (fp32 + tokenizer).
 
-    Loading a GGUF de-quantises every tensor (about 30 s for SmolLM2-135M on 2 cores); the
-    converted folder then loads in about a second. The conversion is written with
+    Loading a GGUF de-quantises every tensor, which is slow; the converted folder then loads
+    as fast as any ``save_pretrained`` folder. The conversion is written with
     :func:`~prox24_lightning.artifacts.atomic_dir` (a temporary folder next to the target, renamed
     into place), so a crash never leaves a half-written cache entry. A complete entry (one with the
     conversion marker) found before or after the slow load is returned as it is; two converters

@@ -144,10 +144,6 @@ class OffloadedModel:
                 f"{name!r} is not a parameter or buffer of the offloaded model"
             ) from None
 
-    def block_bytes(self, part: str) -> int:
-        """Bytes of the store tensors of one part (tied tensors counted once)."""
-        return sum(self.store[k].nbytes for k in self.parts[part])
-
     @contextmanager
     def onload(
         self,

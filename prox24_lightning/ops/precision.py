@@ -3,10 +3,12 @@
 ``torch.set_float32_matmul_precision("high"/"medium")`` (Lightning suggests it on GPUs with
 tensor cores) lets every fp32 GEMM run in TF32 (10-bit mantissa) on CUDA, and "medium" runs fp32
 GEMMs in bf16 through oneDNN on CPUs with AVX512-BF16/AMX. That is fine for training, but a Gram
-``H = sum_t x_t x_t^T`` and the masked refit are statistics and least-squares solves: TF32 moves
-the refit by percents (issue 12: 20% against 6% after 1000 GD steps). So Gram accumulation,
-refinement and the power iteration run under :func:`matmul_precision` (IEEE fp32), and only the
-prox phase may opt into TF32 (``prox_tf32``), where the iterate is re-projected every step.
+``H = sum_t x_t x_t^T`` and the masked refit are statistics and least-squares solves: their
+rounding errors accumulate over every token and every refinement step, and TF32's short mantissa
+moves the refit's result visibly (docs/results.md, "Figures moved from the code"). So Gram
+accumulation, refinement and the power iteration run under :func:`matmul_precision` (IEEE fp32),
+and only the prox phase may opt into TF32 (``prox_tf32``), where the iterate is re-projected
+every step.
 """
 
 from __future__ import annotations

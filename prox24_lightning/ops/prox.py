@@ -36,7 +36,7 @@ groups that the screens of :func:`_candidates_needed` rule out never entering it
 judged by the support's KKT residual in units of ``max |z|`` (``tol``). Groups still moving after
 :data:`_CD_SWEEPS` sweeps, and groups whose smallest kept entry ended at zero or whose order is
 not that of ``u`` (coordinate descent can stop at such KKT points while an interior minimiser is
-better: about 0.1% of Gaussian groups) unless the support's problem is convex on the box
+better, for a small fraction of groups) unless the support's problem is convex on the box
 ``[0, u]``, are also solved by the exact solver, and the better of the two candidates is kept.
 This path needs host syncs, so it runs only in eager mode on a CPU; under ``torch.compile`` and on
 accelerators the static solver runs (``static=`` forces either).
@@ -182,8 +182,7 @@ def _solve_support_eager(
     residual is at most ``tol`` after a block of sweeps leave the working set. Groups still moving
     after ``min(max_sweeps, _CD_SWEEPS)`` sweeps, and converged groups whose smallest entry is
     zero or whose order is not that of ``u`` (coordinate descent can stop at such KKT points of
-    the support's problem, e.g. on the boundary while an interior minimiser exists, about 0.1% of
-    Gaussian groups) where that problem is not provably convex, also get the exact candidate of
+    the support's problem, e.g. on the boundary while an interior minimiser exists) where that problem is not provably convex, also get the exact candidate of
     :func:`_solve_support_static`; the better of the two is kept.
     """
     m = s.shape[0]
@@ -448,8 +447,8 @@ def prox_2of4(
     flat = groups.reshape(-1, 4).to(compute)
     taus = tau_g.reshape(-1)
     n = flat.shape[0]
-    # On CPU, chunks that stay in cache are ~1.5x faster than whole-matrix passes; a GPU wants
-    # the whole matrix at once.
+    # On CPU, chunks that stay in cache beat whole-matrix passes; a GPU wants the whole matrix
+    # at once.
     chunk = chunk_groups or (_CPU_CHUNK_GROUPS if flat.device.type == "cpu" else max(n, 1))
     parts = [
         _prox_chunk(flat[i : i + chunk], taus[i : i + chunk], static, max_sweeps, tol)

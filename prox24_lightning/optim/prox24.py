@@ -39,22 +39,21 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..ops.cg import MaskedCG
 from ..ops.masks import apply_mask, mask_2of4
 from ..ops.precision import matmul_precision
 from .admm import Eigenbasis, admm_phase_step
 from .device_state import ADMM_UPDATE_EVERY, DeviceADMM, DeviceProx
 from .functional import compiled_prox_phase_step, prox_phase_step
+from .settings import ProxPhaseSettings, RefineMethod
 
-__all__ = ["LocalProblem", "Prox24"]
-
-RefineMethod = Literal["gd", "cg"]
-ProxSolver = Literal["gradient", "admm"]
+__all__ = ["LayerStatus", "LocalProblem", "Prox24"]
 
 
 @dataclass
@@ -73,8 +72,8 @@ class LocalProblem:
     target: Tensor
     lipschitz: float
     mask: Tensor | None = None
-    # Conjugate-gradient state (residual, direction, squared residual norms per row).
-    cg: dict[str, Tensor] = field(default_factory=dict, init=False)
+    # Conjugate-gradient state of the refinement (``refine: cg``), started at its first step.
+    cg: MaskedCG | None = field(default=None, init=False)
     # Previous prox iterate, for momentum.
     previous: Tensor | None = field(default=None, init=False)
     # ``H̃ = Q Λ Qᵀ`` for the ADMM prox phase (computed when it starts, dropped when it ends).
@@ -84,7 +83,8 @@ class LocalProblem:
         """``(W - Ŵ̃) H̃``: one GEMM in IEEE fp32 (also under autocast or a TF32 setting).
 
         ``W H̃ - Ŵ̃ H̃`` would cost the same but cancels: near the optimum both products are
-        large and nearly equal (issue 12: 2.1e-4 against 4.1e-5 relative refit error in fp32).
+        large and nearly equal, so their difference loses the digits a refit needs in fp32
+        (docs/results.md has the figures).
         """
         with _no_autocast(w.device.type), matmul_precision():
             return (w - self.target) @ self.gram
@@ -95,32 +95,52 @@ class LocalProblem:
         return float(((w - self.target) * g).sum())
 
 
+@dataclass(frozen=True)
+class LayerStatus:
+    """Where one layer of a :class:`Prox24` stands (a read-only copy of its host state).
+
+    Attributes:
+        phase: ``"prox"`` (the lambda path), ``"refine"`` (on the fixed support) or ``"done"``.
+        prox_steps: prox iterations run; refine_done: refinement iterations run.
+        lam: the schedule's current lambda; frac_2of4: fraction of groups with at most two
+            non-zeros after the last prox iteration.
+        forced: the prox phase ended by ``max_prox_steps`` or ``switch_at < 1`` with groups
+            still denser than 2:4 (their two largest entries were kept).
+        gemms: ``d_out x d_in`` by ``d_in x d_in`` products so far; factorizations: ``d_in x
+            d_in`` eigendecompositions and inverses so far.
+    """
+
+    phase: str
+    prox_steps: int
+    refine_done: int
+    lam: float
+    frac_2of4: float
+    forced: bool
+    gemms: int
+    factorizations: int
+
+    @property
+    def support_fixed(self) -> bool:
+        """The prox phase has ended: the mask is the layer's fixed support."""
+        return self.phase != "prox"
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
     return torch.autocast(device_type=device_type, enabled=False)
 
 
 def _check_hparams(h: dict) -> None:
-    """Refuse settings that cannot work, naming them (before any iteration)."""
-    if not 0.0 < h["switch_at"] <= 1.0:
-        raise ValueError(f"switch_at must be in (0, 1], got {h['switch_at']}")
-    if h["beta_tail"] is not None and h["beta_tail"] < 1:
-        raise ValueError(f"beta_tail must be >= 1, got {h['beta_tail']}")
-    if h["lambda0"] <= 0 or h["beta"] < 1:
-        raise ValueError(
-            f"need lambda0 > 0 and beta >= 1, got lambda0={h['lambda0']} beta={h['beta']}"
-        )
-    if not 0.0 <= h["momentum"] < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {h['momentum']}")
+    """Refuse settings that cannot work, naming them (before any iteration): the rules of
+    :class:`ProxPhaseSettings`, plus the refinement's."""
+    ProxPhaseSettings(**{k: h[k] for k in ProxPhaseSettings.names()}).validate_prox_phase("")
     if h["refine"] not in ("gd", "cg"):
         raise ValueError(f"refine must be 'gd' or 'cg', got {h['refine']!r}")
     if h["refine_steps"] < 0:
         raise ValueError(f"refine_steps must be >= 0, got {h['refine_steps']}")
-    if h["check_every"] is not None and int(h["check_every"]) < 1:
-        raise ValueError(f"check_every must be >= 1 (or None), got {h['check_every']}")
-    if h["prox_solver"] not in ("gradient", "admm"):
-        raise ValueError(f"prox_solver must be 'gradient' or 'admm', got {h['prox_solver']!r}")
-    if not h["rho0"] > 0:
-        raise ValueError(f"rho0 must be > 0, got {h['rho0']}")
 
 
 class Prox24(torch.optim.Optimizer):
@@ -133,37 +153,14 @@ class Prox24(torch.optim.Optimizer):
     override them per layer.
 
     Args:
-        lambda0: first regularisation strength (paper: 0.01; 1e-3 for 70B models).
-        beta: geometric growth of lambda per iteration (paper: 1.01; 1.005 for 70B models).
         refine_steps: refinement iterations once the weights are 2:4 (paper: 1000).
-        refine: ``"gd"`` (paper's masked gradient) or ``"cg"`` (conjugate gradients).
-        max_prox_steps: safety cap on proximal iterations; the support is then forced to 2:4 with
-            the largest magnitudes (counted in the state as ``forced``).
-        momentum: heavy-ball/Nesterov extrapolation ``Y = W_k + m (W_k - W_{k-1})`` before the
-            gradient step of the proximal phase (0 is the paper's plain proximal gradient). With
-            0.9 the same local loss is reached with several times fewer iterations (see
-            ``tools/bench_solver.py``).
-        switch_at: end the proximal phase once this fraction of groups is 2:4 (1.0: the paper's
-            rule, every group); the remaining groups keep the two largest entries of the current,
-            already compensated iterate. Counted in the state as ``forced`` when < 1.
-        beta_tail: if set, lambda grows by this factor (instead of ``beta``) once ``tail_from`` of
-            the groups are 2:4: the mask is mostly decided and the last groups only need lambda
-            to grow past their threshold.
-        tail_from: fraction of 2:4 groups where ``beta_tail`` takes over.
-        check_every: prox iterations between host reads of the 2:4 fraction (the switch test,
-            progress and trace); ``None``: 1 on a CPU (a read is free there, and the progress
-            and trace keep their per-iteration resolution), 10 on other devices. The results do
-            not depend on it: the iteration is the identity once the phase has ended.
-        compile: run the proximal-gradient iteration under ``torch.compile(fullgraph=True)``;
-            ``None``: on CUDA only. A compilation failure warns and falls back to eager. The
-            ADMM iteration runs eagerly.
-        prox_tf32: let the prox phase's GEMM use TF32 (off: every product is IEEE fp32, whatever
-            the global matmul precision; refinement is always fp32).
-        prox_solver: ``"gradient"`` (the paper's proximal gradient) or ``"admm"`` (the same
-            lambda path inside ALPS's ADMM splitting, :mod:`~prox24_lightning.optim.admm`;
-            ``momentum``, ``beta_tail`` and ``tail_from`` are then unused).
-        rho0: first ADMM penalty (``"admm"`` only).
-        min_prox_steps: the ADMM phase's small-change stop applies from this iteration on.
+        refine: ``"gd"`` (paper's masked gradient) or ``"cg"`` (conjugate gradients on the fixed
+            support, :class:`~prox24_lightning.ops.cg.MaskedCG`).
+        settings: the prox phase's settings, :class:`~prox24_lightning.optim.settings.
+            ProxPhaseSettings` (``lambda0``, ``beta``, ``momentum``, ``max_prox_steps``,
+            ``switch_at``, ``prox_solver``, ...; names, defaults and rules are there). A layer
+            capped by ``max_prox_steps`` or switched early by ``switch_at < 1`` is counted in the
+            state as ``forced``.
     """
 
     #: ``torch.compile`` backend of the prox phase (``"eager"`` traces without code generation).
@@ -174,42 +171,11 @@ class Prox24(torch.optim.Optimizer):
     IDLE = "_idle"
 
     def __init__(
-        self,
-        *,
-        lambda0: float = 0.01,
-        beta: float = 1.01,
-        refine_steps: int = 1000,
-        refine: RefineMethod = "gd",
-        max_prox_steps: int = 20000,
-        momentum: float = 0.0,
-        switch_at: float = 1.0,
-        beta_tail: float | None = None,
-        tail_from: float = 0.9,
-        check_every: int | None = None,
-        compile: bool | None = None,
-        prox_tf32: bool = False,
-        prox_solver: ProxSolver = "gradient",
-        rho0: float = 0.1,
-        min_prox_steps: int = 30,
+        self, *, refine_steps: int = 1000, refine: RefineMethod = "gd", **settings: Any
     ) -> None:
-        defaults = dict(
-            lambda0=lambda0,
-            beta=beta,
-            refine_steps=refine_steps,
-            refine=refine,
-            max_prox_steps=max_prox_steps,
-            momentum=momentum,
-            switch_at=switch_at,
-            beta_tail=beta_tail,
-            tail_from=tail_from,
-            check_every=check_every,
-            compile=compile,
-            prox_tf32=prox_tf32,
-            prox_solver=prox_solver,
-            rho0=rho0,
-            min_prox_steps=min_prox_steps,
-            name=None,
-        )
+        # Unknown names fail here (TypeError), before anything is built.
+        prox_phase = ProxPhaseSettings(**settings)
+        defaults = dict(**asdict(prox_phase), refine_steps=refine_steps, refine=refine, name=None)
         _check_hparams(defaults)
         super().__init__([{"params": [torch.zeros(1)], "name": self.IDLE}], defaults)
         #: layer name -> its local problem (the large per-layer tensors live here, never in
@@ -281,6 +247,31 @@ class Prox24(torch.optim.Optimizer):
         the device; :meth:`sync` brings it up to date.
         """
         return self._state(self.weight(name))
+
+    def status(self, name: str) -> LayerStatus:
+        """Layer ``name``'s :class:`LayerStatus` (host state: in the prox phase at most
+        ``check_every - 1`` iterations behind the device)."""
+        st = self.layer_state(name)
+        return LayerStatus(
+            phase=str(st["phase"]),
+            prox_steps=int(st["prox_steps"]),
+            refine_done=int(st["refine_done"]),
+            lam=float(st["lam"]),
+            frac_2of4=float(st["frac_2of4"]),
+            forced=bool(st["forced"]),
+            gemms=int(st["gemms"]),
+            factorizations=int(st["factorizations"]),
+        )
+
+    def replace_support(self, name: str, weight: Tensor, mask: Tensor) -> None:
+        """Give layer ``name`` a new point and fixed support after its prox phase (a mask
+        search's result): its refinement continues from them (a CG refinement restarts)."""
+        if not self.status(name).support_fixed:
+            raise RuntimeError(f"layer {name!r} is still in its prox phase: no support to replace")
+        problem = self.problems[name]
+        self.weight(name).copy_(weight)
+        problem.mask = mask
+        problem.cg = None
 
     def _group(self, name: str) -> dict:
         for g in self.param_groups:
@@ -405,7 +396,7 @@ class Prox24(torch.optim.Optimizer):
         st["gemms"] += 1
         if st["refine_done"] >= group["refine_steps"]:
             st["phase"] = "done"
-            problem.cg.clear()
+            problem.cg = None
 
     def _prox_iteration(self, p: Tensor, group: dict, problem: LocalProblem) -> None:
         """One call of :func:`prox_phase_step`; the host looks every ``check_every`` calls."""
@@ -548,27 +539,10 @@ class Prox24(torch.optim.Optimizer):
         st["phase"] = "refine" if group["refine_steps"] > 0 else "done"
 
     def _cg_step(self, p: Tensor, problem: LocalProblem) -> None:
-        """Row-wise conjugate gradients for ``min tr((W-Ŵ̃)H̃(W-Ŵ̃)^T)`` on the fixed support.
-
-        The rows are independent problems sharing ``H̃``, so every scalar of CG is per row and
-        the matrix product ``M ⊙ (P H̃)`` is one GEMM for all rows.
-        """
+        """One step of row-wise conjugate gradients (:class:`~prox24_lightning.ops.cg.MaskedCG`)
+        for ``min tr((W-Ŵ̃)H̃(W-Ŵ̃)^T)`` on the fixed support."""
         mask = problem.mask
         assert mask is not None
-        cg = problem.cg
-        tiny = torch.finfo(p.dtype).tiny
-        if not cg:
-            r = apply_mask(-problem.gradient(p), mask)
-            cg.update(r=r, d=r.clone(), rr=(r * r).sum(-1, keepdim=True))
-        r, d, rr = cg["r"], cg["d"], cg["rr"]
-        q = apply_mask(d @ problem.gram, mask)
-        dq = (d * q).sum(-1, keepdim=True)
-        alpha = torch.where(dq > tiny, rr / dq.clamp_min(tiny), torch.zeros_like(rr))
-        p.add_(alpha * d)
-        r.sub_(alpha * q)
-        rr_new = (r * r).sum(-1, keepdim=True)
-        beta = torch.where(rr > tiny, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
-        d.mul_(beta).add_(r)
-        cg["rr"] = rr_new
-        # Keep pruned entries exactly +0.0 (rounding in add_ could leave -0.0 otherwise).
-        p.copy_(apply_mask(p, mask))
+        if problem.cg is None:
+            problem.cg = MaskedCG.start(apply_mask(-problem.gradient(p), mask))
+        problem.cg.step(p, problem.gram, mask)

@@ -11,7 +11,6 @@ refusing any whose bytes changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..artifacts import atomic_write
+from ..artifacts import atomic_write, file_sha256
 from ..ops.masks import pack_mask, unpack_mask
 
 __all__ = ["BlockShard", "read_shard", "shard_path", "write_shard"]
@@ -31,14 +30,6 @@ BlockShard = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, dict[str, Any
 
 def shard_path(directory: str | Path, block: int) -> Path:
     return Path(directory) / f"block_{block:03d}.safetensors"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shard(

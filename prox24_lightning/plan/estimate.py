@@ -19,8 +19,8 @@ sharing an input; with ``n`` processes (``trainer.devices``) the rank with the l
 * Normalised Grams, one copy per layer solved at once: ``N_k = sum_l 4 d_in^2``.
 * Solver buffers per layer solved at once (fp32 working weight, target, target x Gram, gradient,
   momentum or CG residual, CG direction): ``S_k = sum_l 6 x 4 d_out d_in``.
-* Activation cache: ``A = T h b`` (one copy, issue 14 item 2; the next block's inputs replace
-  the current ones), on the accelerator unless ``offload`` / ``offload_activations``.
+* Activation cache: ``A = T h b`` (one copy: the next block's inputs replace the current ones),
+  on the accelerator unless ``offload`` / ``offload_activations``.
 * One batch in and out: ``2 t h b``; forward intermediates ``F = t w (4 b + 4)``, ``w`` the widest
   layer input or output (``max(h, d_out, d_in)``: the MLP's hidden layer), 4 tensors of it in the
   model dtype plus the fp32 copy the Gram update makes of a layer input.
@@ -40,11 +40,12 @@ sharing an input; with ``n`` processes (``trainer.devices``) the rank with the l
   calibration ids ``8 T`` per process + the evaluation activations ``T_e h b``; without offload,
   ``A`` if on the host + ``8 T`` + one ``save_pretrained`` shard copied from the device at
   export, ``min(W, 50 GB)``.
-* **Disk** under ``trainer.default_root_dir`` (checkpoints as issue 14 item 1 designs them):
-  per-block shards holding the block's pruned weights, written once, ``sum_l d_out d_in b`` in
-  all; per-block mask files, 1 bit per targeted weight; ``last.ckpt`` with the run state only (the
-  report, ~8 KiB per layer; twice while it is replaced); the export: ``W`` + masks (1 bit per
-  targeted weight) + report. The token cache (``data.cache_dir``) holds ``8`` bytes per token.
+* **Disk** under ``trainer.default_root_dir`` (checkpoints as
+  :mod:`~prox24_lightning.pipeline.shards` writes them): per-block shards holding the block's
+  pruned weights, written once, ``sum_l d_out d_in b`` in all; per-block mask files, 1 bit per
+  targeted weight; ``last.ckpt`` with the run state only (the report, ~8 KiB per layer; twice
+  while it is replaced); the export: ``W`` + masks (1 bit per targeted weight) + report. The
+  token cache (``data.cache_dir``) holds ``8`` bytes per token.
 """
 
 from __future__ import annotations

@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..data.windows import C4_EVAL_WINDOWS, resolve_seqlen
+from ..data.sources import estimate_eval_tokens, to_source
+from ..data.windows import resolve_seqlen
 from .estimate import RunPlan, RunSettings, plan_run
 from .shapes import load_model_config, model_shape, resolve_dtype
 
-__all__ = ["plan_from_config"]
-
-#: WikiText2 test tokens with the Llama-2 tokenizer (other tokenizers differ by some percent).
-WIKITEXT2_TEST_TOKENS = 341_469
+__all__ = ["device_count", "plan_from_config"]
 
 
 def _get(mapping: Any, key: str, default: Any = None) -> Any:
@@ -37,8 +35,9 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _world_size(devices: Any) -> int:
-    """Processes on this machine for ``trainer.devices`` (``auto``/-1 counts as one)."""
+def device_count(devices: Any) -> int:
+    """Processes on this machine for ``trainer.devices`` (``auto``/-1 count as one: unknown); the
+    CLI reads the same number to choose the pruner's strategy."""
     if isinstance(devices, int) and not isinstance(devices, bool):
         return max(1, devices)
     if isinstance(devices, (list, tuple)):
@@ -53,24 +52,17 @@ def _world_size(devices: Any) -> int:
 
 def _eval_tokens(data: Mapping[str, Any], seqlen: int) -> tuple[int, str]:
     """Evaluation tokens for the token cache, and what could not be estimated; ``seqlen`` is
-    the resolved evaluation window length."""
+    the resolved evaluation window length. Each set's kind estimates its own size."""
     cap = _get(data, "max_eval_windows")
     total, unknown = 0, []
     for name, source in (_get(data, "validation") or {}).items():
-        kind = _get(source, "name", "")
-        if cap is not None:
-            windows = int(cap)
-            if kind == "c4_validation":
-                windows = min(windows, C4_EVAL_WINDOWS)
-            elif kind == "wikitext2":
-                windows = min(windows, WIKITEXT2_TEST_TOKENS // seqlen)
-            total += windows * seqlen
-        elif kind == "c4_validation":
-            total += C4_EVAL_WINDOWS * seqlen
-        elif kind == "wikitext2":
-            total += WIKITEXT2_TEST_TOKENS // seqlen * seqlen
-        else:
+        tokens = estimate_eval_tokens(
+            source, seqlen=seqlen, max_windows=None if cap is None else int(cap)
+        )
+        if tokens is None:
             unknown.append(str(name))
+        else:
+            total += tokens
     note = f"token cache: evaluation sets {unknown} not counted (size unknown)" if unknown else ""
     return total, note
 
@@ -86,6 +78,8 @@ def plan_from_config(run_config: Any) -> RunPlan | None:
     init = model.get("init_args") or {}
     data = cfg.get("data") or {}
     trainer = cfg.get("trainer") or {}
+    if data.get("calibration") is not None:
+        to_source(data["calibration"])  # an unknown source name fails here, as fit would
     spec = str(init["model_name_or_path"])
     config = load_model_config(
         spec,
@@ -114,10 +108,11 @@ def plan_from_config(run_config: Any) -> RunPlan | None:
         offload=bool(init.get("offload", False)),
         offload_activations=bool(init.get("offload_activations", False)),
         sequential=str(init.get("sequential") or "block"),
-        world_size=_world_size(trainer.get("devices", 1)),
+        world_size=device_count(trainer.get("devices", 1)),
         eval_tokens=eval_tokens,
         eval_note=eval_note,
         method=str(init.get("method") or "prox"),
-        solver=init.get("solver"),
+        # Unset keys of the typed settings (``SolverSettings``) are None: the method's defaults.
+        solver={k: v for k, v in (init.get("solver") or {}).items() if v is not None},
     )
     return plan_run(shape, settings, model_name=spec)

@@ -18,6 +18,7 @@ from .methods import (
     get_method,
     make_config,
 )
+from .solver_settings import SolverSettings, as_solver_mapping
 
 __all__ = [
     "METHODS",
@@ -31,9 +32,11 @@ __all__ = [
     "PruneResult",
     "PruneStats",
     "PruningMethod",
+    "SolverSettings",
     "SparseGPTConfig",
     "WandaConfig",
     "admm_prune",
+    "as_solver_mapping",
     "alps_prune",
     "get_method",
     "magnitude_prune",

@@ -22,8 +22,8 @@ the two largest ``|W_t + U_t|`` of every group of 4 are always kept, and of the 
 stays fixed for the remaining iterations. No host syncs: the threshold is a device tensor
 (``torch.kthvalue``) and every count is known in advance.
 
-On SmolLM2-135M's real Grams (blocks 0, 15, 29; ``tools/bench_solver.py --methods admm``) the
-summed local loss is 1.056 relative to SparseGPT + 50 CG steps (the authors' code: 1.057).
+Its losses match the authors' code on real Grams (``tools/bench_solver.py --methods admm``;
+docs/results.md has the figures).
 
 Reference: Boža, "Fast and Effective Weight Update for Pruned Large Language Models" (v1: "Fast
 and Optimal ..."), 2024 (arXiv:2401.02938); code github.com/fmfi-compbio/admm-pruning

@@ -42,10 +42,9 @@ are 0-dim tensors, iterations after a stop are frozen with ``torch.where``, and 
 the stop flag only every ``check_every`` schedule updates (every update on CPU, where reading is
 free), so the result is the same whatever ``check_every`` is.
 
-On SmolLM2-135M's real Grams (blocks 0, 15, 29; ``tools/bench_solver.py --methods alps``) the
-summed local loss is 0.904 relative to SparseGPT + 50 CG steps, as the authors' code (0.904);
-every layer stops at iteration 33 (the small-change stop). The uniform ridge
-(``dampening_space="normalized"``) reaches 0.871 there in the same time.
+Its losses match the authors' code on real Grams (``tools/bench_solver.py --methods alps``;
+docs/results.md has the figures, with those of the uniform ridge, ``dampening_space=
+"normalized"``).
 
 Reference: Meng, Behdin, Wang, Mazumder, "ALPS: Improved Optimization for Highly Sparse One-Shot
 Pruning for Large Language Models", NeurIPS 2024 (arXiv:2406.07831); code
@@ -60,10 +59,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..ops.cg import masked_cg
 from ..ops.gram import DiagonalNormalization
 from ..ops.masks import apply_mask, mask_2of4
 
-__all__ = ["ALPSTrace", "alps_admm", "alps_coordinates", "alps_prune", "masked_cg"]
+__all__ = ["ALPSTrace", "alps_admm", "alps_coordinates", "alps_prune"]
 
 DampeningSpace = Literal["original", "normalized"]
 
@@ -229,32 +229,6 @@ def alps_admm(
 
 
 @torch.no_grad()
-def masked_cg(x: Tensor, g: Tensor, y: Tensor, mask: Tensor, iterations: int) -> Tensor:
-    """``iterations`` CG steps on ``min tr(X G X^T) - 2 tr(Y X^T)``, ``X`` supported on ``mask``.
-
-    Row by row (the rows share ``G``), started at ``x`` (zero off the mask): the minimiser on the
-    support solves ``(G X^T)_P = (Y^T)_P``. Every scalar is per row, no host syncs. This is the
-    reference's ``cg_batch`` with the identity preconditioner, for a fixed number of steps.
-    """
-    tiny = torch.finfo(x.dtype).tiny
-    x = apply_mask(x, mask)
-    r = apply_mask(y - x @ g, mask)
-    p = r.clone()
-    rr = (r * r).sum(-1, keepdim=True)
-    for _ in range(iterations):
-        q = apply_mask(p @ g, mask)
-        pq = (p * q).sum(-1, keepdim=True)
-        alpha = torch.where(pq > tiny, rr / pq.clamp_min(tiny), torch.zeros_like(rr))
-        x = x + alpha * p
-        r = r - alpha * q
-        rr_new = (r * r).sum(-1, keepdim=True)
-        beta = torch.where(rr > tiny, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
-        p = r + beta * p
-        rr = rr_new
-    return apply_mask(x, mask)
-
-
-@torch.no_grad()
 def alps_prune(
     w_tilde: Tensor,
     norm: DiagonalNormalization,
@@ -273,7 +247,8 @@ def alps_prune(
 
     Maps ``(W̃, H̃)`` to ALPS's coordinates (:func:`alps_coordinates`), runs its ADMM
     (:func:`alps_admm`), projects the last ``B`` onto 2:4, refits the kept entries with
-    ``pcg_iterations`` CG steps on the ridge Gram (:func:`masked_cg`) and maps back
+    ``pcg_iterations`` CG steps on the ridge Gram
+    (:func:`~prox24_lightning.ops.cg.masked_cg`) and maps back
     (``W̃ = B / s``). The weight is in the dtype of ``w_tilde``.
     """
     b_hat, g, s = alps_coordinates(w_tilde, norm, dampening=dampening, space=dampening_space)

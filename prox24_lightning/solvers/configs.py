@@ -8,9 +8,10 @@ prox`` runs without a named recipe is :data:`RECIPES` ``["default"]``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
+
+from ..optim.settings import ProxPhaseSettings, RefineMethod, require
 
 __all__ = [
     "RECIPES",
@@ -24,13 +25,6 @@ __all__ = [
     "WandaConfig",
 ]
 
-RefineMethod = Literal["gd", "cg"]
-#: The range rules of :meth:`MethodConfig.require` (the float ones refuse NaN and Inf).
-_RULES = {
-    "> 0": lambda v: v > 0 and math.isfinite(v),
-    ">= 0": lambda v: v >= 0 and math.isfinite(v),
-    ">= 1": lambda v: v >= 1,
-}
 #: Warm starts of ``ProxConfig.warm_start``: the one-shot method that replaces the prox phase.
 WARM_STARTS = ("none", "alps", "sparsegpt")
 
@@ -51,10 +45,7 @@ class MethodConfig:
 
     def require(self, rule: Literal["> 0", ">= 0", ">= 1"], *keys: str) -> None:
         """Raise ``ValueError`` naming the first of ``keys`` whose value breaks ``rule``."""
-        for key in keys:
-            value = getattr(self, key)
-            if not _RULES[rule](value):
-                raise ValueError(f"solver.{key} must be {rule}, got {value}")
+        require(self, rule, *keys)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid setting."""
@@ -181,7 +172,7 @@ class ADMMConfig(MethodConfig):
 
 
 @dataclass
-class ProxConfig(MethodConfig):
+class ProxConfig(MethodConfig, ProxPhaseSettings):
     """The proximal 2:4 pruner of Kübler et al. (all in the normalised coordinates).
 
     **Token count.** ``H = sum_t x_t x_t^T`` grows with the ``N`` calibration tokens and the
@@ -203,27 +194,17 @@ class ProxConfig(MethodConfig):
     (paper.md §2.1 notes that the paper's convention, sum or mean, is not confirmed; a sum is
     assumed here, under which 0.01 at 2M tokens reproduces the paper's schedule.)
 
+    The prox phase's settings (``lambda0``, ``beta``, ``momentum``, ``max_prox_steps``,
+    ``switch_at``, ``beta_tail``, ``tail_from``, ``check_every``, ``compile``, ``prox_tf32``,
+    ``prox_solver``, ``rho0``, ``min_prox_steps``) are :class:`~prox24_lightning.optim.settings.
+    ProxPhaseSettings`'s, inherited with their defaults and rules; ``lambda0`` is in the units
+    above.
+
     Attributes:
-        lambda0: first lambda of the schedule ``lambda_k = lambda0 beta^k`` (paper: 0.01; 1e-3
-            for 70B), in the units above.
         lambda_scale: ``absolute`` uses ``lambda0`` as given (the paper); ``rms`` divides it by
             the RMS of the layer's normalised weights. ``r`` is cubic, so ``prox_{c lam r}(c z) =
             c prox_{lam c r}(z)``: only ``lambda * scale`` matters, and with ``rms`` every layer
             starts at the same point of its own path.
-        beta: geometric growth of lambda per prox iteration (> 1; paper: 1.01, 70B: 1.005).
-        momentum: extrapolation in the prox phase, in ``[0, 1)``; 0 is the paper's plain
-            proximal gradient.
-        max_prox_steps: cap on prox iterations (then forced to 2:4 by magnitude, reported).
-        switch_at: end the prox phase once this fraction of groups is 2:4, in ``(0, 1]``
-            (1.0 = the paper).
-        beta_tail: lambda growth once ``tail_from`` of the groups are 2:4 (None = ``beta``).
-        tail_from: where ``beta_tail`` takes over, in ``(0, 1]``.
-        check_every: prox iterations between host reads of the 2:4 fraction (``None``: 1 on a
-            CPU, 10 on a GPU); results do not depend on it (see ``Prox24``).
-        compile: run the proximal-gradient iteration under ``torch.compile(fullgraph=True)``
-            (``None``: on CUDA only). The ADMM iteration runs eagerly (it traces whole too; see
-            ``tests/test_prox_admm.py``), its prox on the static, sync-free path off the CPU.
-        prox_tf32: allow TF32 in the prox phase's GEMM (refinement and Grams stay IEEE fp32).
         warm_start: ``none`` (the prox phase starts from the dense ``Ŵ̃``, the paper) or the
             one-shot method whose 2:4 weights replace the prox phase: ``alps`` (ALPS with the
             uniform ridge on ``H̃``, ``alps_dampening_space: normalized``, no PCG: the mask
@@ -237,13 +218,6 @@ class ProxConfig(MethodConfig):
         mask_search_candidates: groups per row scored exactly each round (``>= swaps``).
         mask_search_dampening: smallest ridge on the unit diagonal of ``H̃`` for the search's
             fp32 inverses (raised tenfold until ``H̃ + δI`` is well enough conditioned).
-        prox_solver: how the prox phase follows the lambda path: ``gradient`` (the paper's
-            proximal gradient) or ``admm`` (the same path inside ALPS's ADMM splitting, with the
-            exact 2:4 prox as its sparse step and ALPS's ``rho`` schedule;
-            ``optim/admm.py``). ``momentum``, ``beta_tail`` and ``tail_from`` apply to
-            ``gradient`` only.
-        rho0: first ADMM penalty (``admm``).
-        min_prox_steps: the ADMM phase's small-change stop applies from this iteration on.
         ridge: solve the whole layer (prox phase, search, refinement) on ALPS's ridged
             objective ``tr((W-Ŵ)(H + δI)(W-Ŵ)ᵀ)``, ``δ = ridge · mean(diag H)`` (0 = the local
             loss itself, the paper). The ridge pulls the weights of rarely active inputs towards
@@ -260,39 +234,23 @@ class ProxConfig(MethodConfig):
             minimises the local loss itself.
     """
 
-    lambda0: float = 0.01
     lambda_scale: Literal["absolute", "rms"] = "absolute"
-    beta: float = 1.01
-    momentum: float = 0.0
-    max_prox_steps: int = 20000
-    switch_at: float = 1.0
-    beta_tail: float | None = None
-    tail_from: float = 0.9
-    check_every: int | None = None
-    compile: bool | None = None
-    prox_tf32: bool = False
     warm_start: Literal["none", "alps", "sparsegpt"] = "none"
     mask_search_rounds: int = 0
     mask_search_swaps: int = 16
     mask_search_candidates: int = 16
     mask_search_dampening: float = 1e-4
     mask_search_ridge: float = 0.0
-    prox_solver: Literal["gradient", "admm"] = "gradient"
-    rho0: float = 0.1
-    min_prox_steps: int = 30
     ridge: float = 0.0
     ridge_tokens: int | None = None
 
     def validate(self) -> None:
         super().validate()
-        self.require("> 0", "lambda0", "mask_search_dampening", "rho0")
-        self.require(">= 0", "min_prox_steps", "ridge")
+        self.validate_prox_phase()
+        self.require("> 0", "mask_search_dampening")
+        self.require(">= 0", "ridge")
         if self.ridge_tokens is not None and int(self.ridge_tokens) < 1:
             raise ValueError(f"solver.ridge_tokens must be >= 1 (or null), got {self.ridge_tokens}")
-        if self.prox_solver not in ("gradient", "admm"):
-            raise ValueError(
-                f"solver.prox_solver must be 'gradient' or 'admm', got {self.prox_solver!r}"
-            )
         if self.ridge > 0 and self.mask_search_ridge > 0:
             raise ValueError(
                 "solver.ridge and solver.mask_search_ridge cannot both be set: with ridge the "
@@ -302,21 +260,8 @@ class ProxConfig(MethodConfig):
             raise ValueError(
                 f"solver.lambda_scale must be 'absolute' or 'rms', got {self.lambda_scale!r}"
             )
-        # beta = 1 never grows lambda: every layer would run to max_prox_steps and be forced.
-        if not (self.beta > 1 and math.isfinite(self.beta)):
-            raise ValueError(f"solver.beta must be > 1 (lambda must grow), got {self.beta}")
-        if self.beta_tail is not None and not self.beta_tail > 1:
-            raise ValueError(f"solver.beta_tail must be > 1 (or null), got {self.beta_tail}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"solver.momentum must be in [0, 1), got {self.momentum}")
-        self.require(">= 1", "max_prox_steps", "mask_search_swaps")
+        self.require(">= 1", "mask_search_swaps")
         self.require(">= 0", "mask_search_rounds", "mask_search_ridge")
-        for key in ("switch_at", "tail_from"):
-            value = getattr(self, key)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"solver.{key} must be in (0, 1], got {value}")
-        if self.check_every is not None and int(self.check_every) < 1:
-            raise ValueError(f"solver.check_every must be >= 1 (or null), got {self.check_every}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(
                 f"solver.warm_start must be one of {', '.join(WARM_STARTS)}, got "

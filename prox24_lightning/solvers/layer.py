@@ -11,7 +11,6 @@ the input dtype. The pipeline drives the same :class:`LayerSolve` objects throug
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,8 @@ from torch import Tensor
 from ..ops.gram import lipschitz, normalize, token_scale
 from ..ops.masks import apply_mask, is_2of4
 from ..ops.precision import matmul_precision
-from ..optim.prox24 import LocalProblem, Prox24
+from ..optim.prox24 import LayerStatus, LocalProblem, Prox24
+from ..optim.settings import ProxPhaseSettings
 from .alps import alps_coordinates
 from .mask_search import mask_search
 from .methods import METHODS, RECIPES, MethodConfig, ProxConfig, get_method, make_config
@@ -114,24 +114,17 @@ def check_layer_inputs(weight: Tensor, gram: Tensor) -> None:
         )
 
 
-#: :class:`Prox24`'s per-layer settings (its keyword arguments): taken from a config by name.
-OPTIMIZER_KEYS: tuple[str, ...] = tuple(
-    p.name
-    for p in inspect.signature(Prox24.__init__).parameters.values()
-    if p.kind is p.KEYWORD_ONLY
-)
-
-
 def optimizer_hparams(config: MethodConfig, refine_steps: int, rms: float | None) -> dict:
     """The one translation from a method config to a layer's :class:`Prox24` settings.
 
-    Every :data:`OPTIMIZER_KEYS` field the config has is copied (a baseline's config has only
-    ``refine``); ``refine_steps`` is the resolved count and ``lambda0`` is divided by ``rms``,
-    the RMS of the layer's normalised weights, under ``lambda_scale: rms``.
+    A prox config carries the :class:`~prox24_lightning.optim.settings.ProxPhaseSettings` (it
+    inherits them); every method has ``refine``; ``refine_steps`` is the resolved count and
+    ``lambda0`` is divided by ``rms``, the RMS of the layer's normalised weights, under
+    ``lambda_scale: rms``.
     """
-    fields = {f.name for f in dataclasses.fields(config)}
-    hparams: dict[str, Any] = {k: getattr(config, k) for k in OPTIMIZER_KEYS if k in fields}
-    hparams["refine_steps"] = refine_steps
+    hparams: dict[str, Any] = {"refine": config.refine, "refine_steps": refine_steps}
+    if isinstance(config, ProxPhaseSettings):
+        hparams.update({k: getattr(config, k) for k in ProxPhaseSettings.names()})
     if isinstance(config, ProxConfig) and config.lambda_scale == "rms":
         assert rms is not None
         hparams["lambda0"] = config.lambda0 / max(rms, 1e-12)
@@ -259,46 +252,46 @@ class LayerSolve:
             objective -= float((diff.square() * ridge).sum())
         return objective / self.token_scale
 
-    def _layer_state(self) -> dict[str, Any]:
+    def _status(self) -> LayerStatus:
         assert self.optimizer is not None and self.name is not None, "attach() first"
-        return self.optimizer.layer_state(self.name)
+        return self.optimizer.status(self.name)
 
     def observe(self) -> None:
         """Call after every step: records the loss when the method's own phase ends."""
         if self._method_done:
             return
-        st = self._layer_state()
+        st = self._status()
         if self._trace is not None:
             self._record_trace(st)
-        if st["phase"] != "prox":
+        if st.support_fixed:
             self._record_method()
 
-    def _record_trace(self, st: dict[str, Any]) -> None:
+    def _record_trace(self, st: LayerStatus) -> None:
         rows = self._trace
         assert rows is not None
-        step = int(st.get("prox_steps", 0))
+        step = st.prox_steps
         if step == 0:
             return
-        lam, frac = float(st["lam"]), float(st["frac_2of4"])
+        lam, frac = st.lam, st.frac_2of4
         if rows:
             last_step, last_lam, last_frac = rows[-1]
             if step == last_step:
                 return
-            final = st["phase"] != "prox"
+            final = st.support_fixed
             moved = abs(frac - last_frac) >= TRACE_DFRAC or lam >= last_lam * TRACE_LAMBDA_FACTOR
             if not final and (not moved or len(rows) >= TRACE_MAX_ROWS):
                 return
         rows.append([step, lam, frac])
 
     def _record_method(self) -> None:
-        st = self._layer_state()
+        st = self._status()
         assert self.problem.mask is not None
         self._search_mask()
-        self.stats.iterations_to_2of4 = st["prox_steps"]
-        self.stats.final_lambda = st["lam"]
-        self.stats.forced_2of4 = bool(st["forced"])
+        self.stats.iterations_to_2of4 = st.prox_steps
+        self.stats.final_lambda = st.lam
+        self.stats.forced_2of4 = st.forced
         cap = getattr(self.config, "max_prox_steps", None)
-        self.stats.capped = cap is not None and st["prox_steps"] >= cap
+        self.stats.capped = cap is not None and st.prox_steps >= cap
         # Refinement is a descent on a convex problem: a higher objective at its end is fp32
         # rounding (e.g. gradient steps from the search's exact refit); result() then keeps this
         # point.
@@ -340,10 +333,10 @@ class LayerSolve:
                 dampening=self.config.mask_search_dampening,
             )
             weight = found.weight if scale is None else found.weight / scale
-        self.work.copy_(weight)
+        assert self.optimizer is not None and self.name is not None
+        # The optimizer owns the layer's point and support: it takes the search's result.
+        self.optimizer.replace_support(self.name, weight, found.mask)
         self._search_factorizations = 1 + int(self.work.shape[0])
-        self.problem.mask = found.mask
-        self.problem.cg.clear()
         self.stats.extra["mask_search"] = {
             "loss_before": loss_before,
             "moves": int(found.moves),
@@ -354,11 +347,11 @@ class LayerSolve:
         }
 
     def done(self) -> bool:
-        return self._layer_state()["phase"] == "done"
+        return self._status().done
 
     def result(self) -> PruneResult:
         """Finish: final loss, back to original coordinates and dtype, exact 2:4 checked."""
-        st = self._layer_state()
+        st = self._status()
         self.observe()
         mask = self.problem.mask
         assert mask is not None
@@ -373,8 +366,8 @@ class LayerSolve:
             final = apply_mask(self.norm.from_normalized(work), mask).to(self.dtype)
             # The cast can flush tiny kept weights to zero but must never leave -0.0 behind.
             final = apply_mask(final, mask)
-        self.stats.gemms = st["gemms"]
-        self.stats.extra["factorizations"] = st["factorizations"] + self._search_factorizations
+        self.stats.gemms = st.gemms
+        self.stats.extra["factorizations"] = st.factorizations + self._search_factorizations
         if not is_2of4(final):  # pragma: no cover - guaranteed by construction
             raise AssertionError("internal error: result is not 2:4")
         self.stats.seconds = time.perf_counter() - self._start
@@ -387,12 +380,12 @@ class LayerSolve:
         self.optimizer = None
 
     def progress(self) -> dict[str, Any]:
-        st = self._layer_state()
+        st = self._status()
         return {
-            "phase": st["phase"],
-            "iteration": st["prox_steps"] + st["refine_done"],
-            "lambda": st["lam"],
-            "frac_2of4": st["frac_2of4"],
+            "phase": st.phase,
+            "iteration": st.prox_steps + st.refine_done,
+            "lambda": st.lam,
+            "frac_2of4": st.frac_2of4,
         }
 
 

@@ -48,19 +48,19 @@ quasi-definite ``K = [[P_RR, C_RA], [C_RA^T, -Σ_AA]]`` and ``v = [w_R; g_A]``, 
 After the last round the ridge refit ``w_S = P b_S`` is checked by its residual: the rank
 updates' rounding accumulates in ``P``, and on an ill-conditioned ``H̃`` a refit from the updated
 ``P`` can be far off, so rows whose residual ``|(H_SS + δI) w_S - b_S|`` exceeds ``refit_tol``
-of ``|b_S|`` are factored afresh and solved exactly (none on well-conditioned layers: there the
-residual stays near 5e-5 of ``|b_S|``). Two steps ``w_S <- w_S - P g_S`` (``g`` on the unridged
-``H``; the error shrinks by ``δ (H_SS + δI)^{-1}``) then move it towards the unridged refit. A
-final check compares every row's local loss with that of the start's weights (one GEMM) and
-keeps the start where the search did not lower it, so no row is returned worse than it came.
+of ``|b_S|`` are factored afresh and solved exactly (on well-conditioned layers the residual
+stays below ``refit_tol`` and no row is refit). Two steps ``w_S <- w_S - P g_S`` (``g`` on
+the unridged ``H``; the error shrinks by ``δ (H_SS + δI)^{-1}``) then move it towards the
+unridged refit. A final check compares every row's local loss with that of the start's weights
+(one GEMM) and keeps the start where the search did not lower it, so no row is returned worse
+than it came.
 Rows are processed in chunks that bound the ``[rows, k, k]`` inverses (``max_chunk_bytes``); the
 initial ``P`` of a chunk costs one batched Cholesky factorisation and inverse (``O(k^3)`` per
 row, the bulk of the time), each round costs ``O(k^2 · candidates)`` per row.
 
-On SmolLM2-135M's real Grams (blocks 0, 15, 29; ``tools/bench_solver.py --recipes best``) the
-screen finds every one of the eight best exact moves of a row among its 32 best-screened groups,
-and from ALPS's mask (uniform ridge, exact refit 0.870 relative to SparseGPT + CG 50) six rounds
-of 16 moves reach 0.848, 0.850 with four rounds and 0.847 with eight.
+The screen only ranks groups: every move taken is scored exactly, so a group the screen misses
+costs quality, never correctness (``tools/bench_solver.py --recipes best`` measures the screen's
+recall and the losses reached; docs/results.md).
 """
 
 from __future__ import annotations
@@ -369,8 +369,8 @@ def _search_rows(
             break  # later rounds would change nothing (on CPU this read is free)
     # The ridge refit of the final support. The rank updates steer the moves well, but their
     # rounding accumulates in P: on an ill-conditioned H̃ the refit from the updated P, and
-    # steps preconditioned by it, can be far off (3.5x the exact loss on a real o_proj). Rows
-    # whose ridge residual shows it are factored afresh (once per chunk, not per round).
+    # steps preconditioned by it, can be far off the exact refit's loss. Rows whose ridge
+    # residual shows it are factored afresh (once per chunk, not per round).
     w_s = p_times(b_s[..., None])[..., 0]
     weight = torch.zeros(n, d, dtype=dt, device=dev).scatter_(1, s_idx, w_s)
     resid = torch.gather(weight @ h - b, 1, s_idx) + dampening * w_s
