@@ -250,7 +250,7 @@ class Prox24CLI(LightningCLI):
             root=root,
             checkpoints=Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else None,
             masks=Path(masks.dirpath) if masks is not None and masks.dirpath else root / "masks",
-            export=(exports[0]._dirpath or root / "export") if exports else None,
+            export=exports[0].folder_in(root) if exports else None,
         )
         overwrite = bool(cfg.get("overwrite", False))
         argv = sys.argv[1:] if self._argv is None else self._argv

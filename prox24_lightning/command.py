@@ -113,6 +113,25 @@ def _calibration_coverage(cfg: dict) -> str | None:
     return PruningDataModule(**data).calibration_overlap()
 
 
+def _run_folder_note(root: str, ckpt_path: str | None) -> str | None:
+    """What ``fit`` would say about the run folder (default callback folders), as a note."""
+    from pathlib import Path
+
+    from .runfolder import RunFolder, RunFolderError, guard_fit
+
+    folder = RunFolder(
+        root=Path(root),
+        checkpoints=Path(root) / "checkpoints",
+        masks=Path(root) / "masks",
+        export=Path(root) / "export",
+    )
+    try:
+        guard_fit(folder, ckpt_path, overwrite=False, resume_command="the same command")
+    except RunFolderError as err:
+        return f"fit with these arguments would refuse: {str(err).splitlines()[0]}"
+    return None
+
+
 def plan_main(argv: list[str]) -> int:
     """``prox24 plan``: print the plan; exit status 1 when the output disk is too small."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -131,6 +150,9 @@ def plan_main(argv: list[str]) -> int:
     if coverage:
         print(f"\nWARNING: {coverage}")
     root = (cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()
+    folder_note = _run_folder_note(root, cfg.get("ckpt_path"))
+    if folder_note:
+        print(f"\nNOTE: {folder_note}")
     try:
         free = check_disk(plan, root, resume=cfg.get("ckpt_path") is not None)
     except InsufficientDiskSpace as err:

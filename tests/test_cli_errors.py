@@ -133,7 +133,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_a_partial_run_is_never_silently_restarted(files, tmp_path):
+def test_a_partial_run_is_never_silently_restarted(files, tmp_path, capsys):
     out = tmp_path / "run"
     cli_main(_fit(files, out, "--trainer.max_epochs=1"))  # block 0 of 2, then stop
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -146,6 +146,12 @@ def test_a_partial_run_is_never_silently_restarted(files, tmp_path):
     assert "holds a partial run with 1 pruned block(s)" in p.stderr
     assert "--ckpt_path last" in p.stderr and "--overwrite true" in p.stderr
     assert "Traceback" not in p.stderr
+    assert _snapshot(out) == before
+    # The plan of the same command says so too (and changes nothing).
+    from prox24_lightning.command import plan_main
+
+    assert plan_main(_fit(files, out)[1:]) == 0
+    assert "NOTE: fit with these arguments would refuse:" in capsys.readouterr().out
     assert _snapshot(out) == before
     # Resumed as told, it finishes; run again, the finished run is refused too.
     cli_main([*_fit(files, out), "--ckpt_path=last"])

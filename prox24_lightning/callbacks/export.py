@@ -56,13 +56,15 @@ class ExportPruned(L.Callback):
         #: the run's data module: :meth:`update_report` records the evaluation sets that ran.
         self._datamodule: Any = None
 
+    def folder_in(self, root: str | Path) -> Path:
+        """The export folder of a run under ``root`` (``trainer.default_root_dir``)."""
+        return self._dirpath if self._dirpath is not None else Path(root) / "export"
+
     @property
     def dirpath(self) -> Path:
-        if self._dirpath is not None:
-            return self._dirpath
-        if self._root is None:
+        if self._dirpath is None and self._root is None:
             raise RuntimeError("ExportPruned has no dirpath before Trainer.setup")
-        return self._root / "export"
+        return self.folder_in(self._root or ".")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._root = Path(trainer.default_root_dir)
