@@ -77,24 +77,40 @@ CASES = {
 }
 
 
+#: Other commands of this module run through the executable: name -> arguments after
+#: ``prox24`` (``OUT`` is the command's own run folder).
+COMMANDS = {
+    "debug": ["FIT", "--model.method=obs", "--debug"],
+    "ckpt last": ["FIT", "--ckpt_path", "last"],
+    "misspelt": ["FIT", "--model.init_args.solver.betta", "1.1"],
+    "fit help": ["fit", "--help"],
+}
+
+
 @pytest.fixture(scope="module")
 def outcomes(files) -> dict[str, subprocess.CompletedProcess]:
-    """Every case run through the executable, two at a time (each is a fresh interpreter)."""
+    """Every case and command run through the executable, two at a time (each is a fresh
+    interpreter, most of whose time is imports)."""
     tmp = files["dir"]
 
     def run(name: str) -> subprocess.CompletedProcess:
-        extra, _ = CASES[name]
-        extra = [
-            a.replace("EMPTY", str(files["empty"])).replace("BROKEN", str(tmp / "broken.yaml"))
-            for a in extra
-        ]
-        cmd = [*_executable(), *_fit(files, tmp / name.replace(" ", "_")), *extra]
+        out = tmp / name.replace(" ", "_")
+        if name in CASES:
+            extra = [
+                a.replace("EMPTY", str(files["empty"])).replace("BROKEN", str(tmp / "broken.yaml"))
+                for a in CASES[name][0]
+            ]
+            args = [*_fit(files, out), *extra]
+        else:
+            args = [x for a in COMMANDS[name] for x in (_fit(files, out) if a == "FIT" else [a])]
+        cmd = [*_executable(), *args]
         return subprocess.run(
             cmd, capture_output=True, text=True, env=_env(tmp), cwd=tmp, timeout=300
         )
 
+    names = [*CASES, *COMMANDS]
     with ThreadPoolExecutor(2) as pool:
-        return dict(zip(CASES, pool.map(run, CASES), strict=True))
+        return dict(zip(names, pool.map(run, names), strict=True))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -118,9 +134,8 @@ def test_key_typo_suggests_the_option(outcomes):
     assert "did you mean 'method'?" in outcomes["key typo"].stderr
 
 
-def test_debug_shows_the_traceback(files, tmp_path):
-    cmd = [*_executable(), *_fit(files, tmp_path / "o"), "--model.method=obs", "--debug"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+def test_debug_shows_the_traceback(outcomes):
+    p = outcomes["debug"]
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
@@ -163,13 +178,11 @@ def test_a_partial_run_is_never_silently_restarted(files, tmp_path, capsys):
     assert (out / "export" / "masks.safetensors").is_file()
 
 
-def test_ckpt_path_last_with_nothing_to_resume_is_an_error(files, tmp_path):
-    out = tmp_path / "empty_run"
-    cmd = [*_executable(), *_fit(files, out), "--ckpt_path", "last"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+def test_ckpt_path_last_with_nothing_to_resume_is_an_error(outcomes, files):
+    p = outcomes["ckpt last"]
     assert p.returncode == 2, p.stderr[-3000:]
     assert "nothing to resume" in p.stderr and "Traceback" not in p.stderr
-    assert not out.exists()
+    assert not (files["dir"] / "ckpt_last").exists()
 
 
 def test_a_damaged_checkpoint_is_named(files, tmp_path):
@@ -193,10 +206,8 @@ def test_top_level_help_is_complete_and_fast(tmp_path):
     assert typo.returncode == 2 and "did you mean 'fit'?" in typo.stderr
 
 
-def test_fit_help_starts_with_the_pruner_options_and_types_every_solver_key(tmp_path):
-    p = subprocess.run(
-        [*_executable(), "fit", "--help"], capture_output=True, text=True, env=_env(tmp_path)
-    )
+def test_fit_help_starts_with_the_pruner_options_and_types_every_solver_key(outcomes):
+    p = outcomes["fit help"]
     assert p.returncode == 0, p.stderr[-2000:]
     text = p.stdout
     assert text.index("--model.model_name_or_path") < text.index("--trainer.accelerator")
@@ -215,13 +226,12 @@ def test_fit_help_starts_with_the_pruner_options_and_types_every_solver_key(tmp_
         assert f"(type: {typ}" in entry and default in entry, entry
 
 
-def test_a_misspelt_solver_key_fails_at_parse_time(files, tmp_path):
+def test_a_misspelt_solver_key_fails_at_parse_time(outcomes, files):
     """No model is loaded and no run folder is made: the parser refuses the key, naming it."""
-    cmd = [*_executable(), *_fit(files, tmp_path / "o"), "--model.init_args.solver.betta", "1.1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    p = outcomes["misspelt"]
     assert p.returncode == 2
     assert "unknown option --model.solver.betta; did you mean 'beta'?" in p.stderr, p.stderr
-    assert "Run plan" not in p.stdout and not (tmp_path / "o").exists()
+    assert "Run plan" not in p.stdout and not (files["dir"] / "misspelt").exists()
 
 
 def test_several_devices_pick_the_pruners_ddp_strategy(files, tmp_path):
