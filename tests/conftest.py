@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_words
+from helpers import WORDS, random_words
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,17 @@ def text_files(tmp_path_factory) -> tuple[Path, Path]:
     train, held_out = d / "train.txt", d / "eval.txt"
     train.write_text(random_words(rng, 6000))
     held_out.write_text(random_words(rng, 3000))
+    return train, held_out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """Calibration and held-out text: lines of 80-120 words (longer than the windows)."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(1)
+    train, held_out = d / "train.txt", d / "held_out.txt"
+    train.write_text("\n".join(random_words(rng, rng.randint(80, 120)) for _ in range(160)))
+    held_out.write_text("\n".join(random_words(rng, 100, WORDS) for _ in range(20)))
     return train, held_out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,3 +102,10 @@ def fit_args(
     }
     args.update(overrides)
     return ["fit", *(f"--{k}={v}" for k, v in args.items() if v is not None), *callbacks]
+
+
+def prox24_command() -> list[str]:
+    """The installed ``prox24`` console script (``make install`` puts it next to python), or the
+    module entry point where it is not installed."""
+    exe = Path(sys.executable).with_name("prox24")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "prox24_lightning"]

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import WORDS, random_words
+from helpers import WORDS, prox24_command, random_words
 
 from prox24_lightning.cli import cli_main
 from prox24_lightning.command import TOP_HELP
@@ -23,12 +22,6 @@ from prox24_lightning.testing import save_tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _executable() -> list[str]:
-    """The installed ``prox24`` console script (``make install`` puts it next to python)."""
-    exe = Path(sys.executable).with_name("prox24")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "prox24_lightning"]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -103,7 +96,7 @@ def outcomes(files) -> dict[str, subprocess.CompletedProcess]:
             args = [*_fit(files, out), *extra]
         else:
             args = [x for a in COMMANDS[name] for x in (_fit(files, out) if a == "FIT" else [a])]
-        cmd = [*_executable(), *args]
+        cmd = [*prox24_command(), *args]
         return subprocess.run(
             cmd, capture_output=True, text=True, env=_env(tmp), cwd=tmp, timeout=300
         )
@@ -155,7 +148,7 @@ def test_a_partial_run_is_never_silently_restarted(files, tmp_path, capsys):
     before = _snapshot(out)
     time.sleep(0.01)
     # The same command without --ckpt_path: refused before any work, naming the resume command.
-    cmd = [*_executable(), *_fit(files, out)]
+    cmd = [*prox24_command(), *_fit(files, out)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "holds a partial run with 1 pruned block(s)" in p.stderr
@@ -197,12 +190,12 @@ def test_a_damaged_checkpoint_is_named(files, tmp_path):
 def test_top_level_help_is_complete_and_fast(tmp_path):
     start = time.perf_counter()
     p = subprocess.run(
-        [*_executable(), "--help"], capture_output=True, text=True, env=_env(tmp_path)
+        [*prox24_command(), "--help"], capture_output=True, text=True, env=_env(tmp_path)
     )
     elapsed = time.perf_counter() - start
     assert p.returncode == 0 and p.stdout.strip() == TOP_HELP.strip()
     assert elapsed < 3.0, elapsed
-    typo = subprocess.run([*_executable(), "fitt"], capture_output=True, text=True)
+    typo = subprocess.run([*prox24_command(), "fitt"], capture_output=True, text=True)
     assert typo.returncode == 2 and "did you mean 'fit'?" in typo.stderr
 
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import fit_args, random_words
+from helpers import fit_args, prox24_command
 
 from prox24_lightning.callbacks import RunLogger
 from prox24_lightning.cli import cli_main
@@ -50,17 +48,6 @@ BLOCK_LINE = re.compile(r"^block (\d+)/3 \((model\.layers\.\d+)\): 7 layers, all
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    """Calibration and held-out text: lines of 80-120 words."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(1)
-    train, held_out = d / "train.txt", d / "held_out.txt"
-    train.write_text("\n".join(random_words(rng, rng.randint(80, 120)) for _ in range(160)))
-    held_out.write_text("\n".join(random_words(rng, 100) for _ in range(20)))
-    return train, held_out
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     """A tiny 3-block Llama (``from_config``) with its offline tokenizer."""
     return save_tiny_model(
@@ -71,12 +58,6 @@ def model(tmp_path_factory) -> str:
 def _metrics(run: Path) -> list[dict[str, str]]:
     with open(run / "logs" / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _prox24() -> list[str]:
-    """The installed ``prox24`` executable (the module entry point where it is not installed)."""
-    exe = Path(sys.executable).parent / "prox24"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "prox24_lightning.command"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +71,7 @@ def one_command(tmp_path_factory, model, corpus) -> tuple[Path, str]:
     env["PROX24_CACHE_DIR"] = str(tmp / "cache")
     env["OMP_NUM_THREADS"] = "1"
     calibration = json.dumps({"name": "text", "path": str(corpus[0])})
-    cmd = [*_prox24(), "fit", f"--model.model_name_or_path={model}"]
+    cmd = [*prox24_command(), "fit", f"--model.model_name_or_path={model}"]
     cmd += [f"--data.calibration={calibration}", f"--trainer.default_root_dir={out}"]
     p = subprocess.run(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp

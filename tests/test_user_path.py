@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, random_words
 from safetensors.torch import load_file
 
 from prox24_lightning.artifacts import load_masks
@@ -24,17 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    """Calibration and held-out text: lines of 80-120 words (longer than the windows)."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(1)
-    train, held_out = d / "train.txt", d / "held_out.txt"
-    train.write_text("\n".join(random_words(rng, rng.randint(80, 120)) for _ in range(160)))
-    held_out.write_text("\n".join(random_words(rng, 100, WORDS) for _ in range(20)))
-    return train, held_out
 
 
 def _swapped(config: str, model: str, out: Path, corpus: tuple[Path, Path]) -> list[str]:
