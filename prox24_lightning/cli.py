@@ -48,6 +48,7 @@ from .callbacks import (
 )
 from .console import quiet
 from .data import PruningDataModule
+from .models.loading import hub_offline
 from .plan import plan_before_fit
 from .plan.runconfig import device_count
 from .runfolder import RunFolder, guard_fit
@@ -76,15 +77,9 @@ def _check_evaluation_sets(validation: Any, subcommand: str) -> None:
     needs the hub (refused at once when it is offline)."""
     example = "--data.validation '{wiki: {name: text, path: FILE}}'"
     if validation is not None and len(validation) == 0:
-        raise ValueError(
-            f"{subcommand}: --data.validation is empty, nothing to evaluate; {example}"
-        )
+        raise ValueError(f"--data.validation is empty: nothing to evaluate; give {example}")
     if validation is None:
-        offline = any(
-            os.environ.get(v, "") not in ("", "0", "false")
-            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-        )
-        if offline:
+        if hub_offline(datasets=True):
             raise ValueError(
                 "no evaluation sets given, and the default ones (WikiText2, C4) need the hub, "
                 f"which is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); give {example}"

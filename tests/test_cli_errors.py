@@ -240,7 +240,10 @@ def test_several_devices_pick_the_pruners_ddp_strategy(files, tmp_path):
     [(None, "need the hub, which is offline"), ("{}", "--data.validation is empty")],
 )
 def test_validate_without_evaluation_sets_is_one_line(files, validation, message, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import prox24_lightning.cli as cli_module
+
+    # The libraries read their offline flags once, at import: the test sets the parsed flag.
+    monkeypatch.setattr(cli_module, "hub_offline", lambda **_: True)
     args = ["validate", f"--model.model_name_or_path={files['model']}"]
     if validation is not None:
         args.append(f"--data.validation={validation}")

@@ -73,7 +73,7 @@ def test_missing_home_path(tmp_path, monkeypatch) -> None:
 
 
 def test_missing_hub_id_offline(monkeypatch) -> None:
-    monkeypatch.setattr(loading, "_hub_offline", lambda: True)
+    monkeypatch.setattr(loading, "hub_offline", lambda **_: True)
     spec = "prox24-no-such-org/no-such-model"
     with pytest.raises(FileNotFoundError) as excinfo:
         load_causal_lm(spec)

@@ -38,6 +38,7 @@ from .gguf import (
 
 __all__ = [
     "check_model_source",
+    "hub_offline",
     "load_causal_lm",
     "load_tokenizer",
     "max_positions_from_config",
@@ -68,11 +69,18 @@ _TOKENIZER_GLOBS = (
 )
 
 
-def _hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set (the hub is never asked)."""
+def hub_offline(*, datasets: bool = False) -> bool:
+    """Whether the hub is never asked: ``HF_HUB_OFFLINE`` (and, with ``datasets``, also
+    ``HF_DATASETS_OFFLINE``), as the libraries themselves parse them."""
     import huggingface_hub
 
-    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return True
+    if datasets:
+        import datasets as hf_datasets
+
+        return bool(hf_datasets.config.HF_DATASETS_OFFLINE)
+    return False
 
 
 def _is_repo_id(spec: str) -> bool:
@@ -109,7 +117,7 @@ def _check_model_source(
         raise FileNotFoundError(
             f"model path {spec!r} does not exist (neither a local folder/file nor a hub id)"
         )
-    if _hub_offline():
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         names = (gguf_name,) if gguf_name is not None else candidates
