@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from .models import in_features
-from .ops.gram import GramAccumulator
+from .ops.gram import GramAccumulator, GramSpread
 
 __all__ = ["GramCollector"]
 
@@ -28,6 +28,7 @@ class GramCollector:
         layers: ``{qualified name: module}`` (``nn.Linear`` or GPT-2 ``Conv1D``), in module order.
         only: names whose inputs are accumulated (``None``: all); hooks on other layers still run
             so that groups are discovered.
+        spread: also track each input's sequence spread (:meth:`spread_of`; the shrinkage ridge).
     """
 
     def __init__(
@@ -35,9 +36,11 @@ class GramCollector:
         layers: dict[str, nn.Module],
         *,
         only: set[str] | None = None,
+        spread: bool = False,
     ) -> None:
         self.layers = layers
         self.only = only
+        self.spread = spread
         #: layer name -> name of the first layer that consumed the same input (its "leader").
         self.leader: dict[str, str] = {}
         #: leaders in the order their input first appeared in a forward pass.
@@ -64,7 +67,9 @@ class GramCollector:
             acc = self.grams.get(name)
             if acc is None:
                 # The Gram lives where the layer's weight, and so its input, is.
-                acc = self.grams[name] = GramAccumulator(in_features(module), module.weight.device)
+                acc = self.grams[name] = GramAccumulator(
+                    in_features(module), module.weight.device, spread=self.spread
+                )
             acc.update(x.detach())
 
         return hook
@@ -91,6 +96,16 @@ class GramCollector:
         """Tokens summed in :meth:`gram_of`; pass it on as ``LayerSolve(..., n_tokens=...)`` so
         that lambda means the same at any calibration size (``ProxConfig``)."""
         return self.grams[self.leader[name]].n_tokens
+
+    def spread_of(self, name: str) -> GramSpread | None:
+        """How much the calibration sequences' Grams of ``name``'s input disagree (one host
+        read); pass it on as ``LayerSolve(..., spread=...)`` for the shrinkage ridge."""
+        return self.grams[self.leader[name]].spread
+
+    def spread_sums_of(self, name: str) -> Tensor:
+        """:meth:`~prox24_lightning.ops.gram.GramAccumulator.spread_sums` of ``name``'s input,
+        for ranks to sum before :meth:`GramSpread.from_sums`."""
+        return self.grams[self.leader[name]].spread_sums()
 
     def free(self, names: Iterable[str] | None = None) -> None:
         """Drop the accumulated Grams of the inputs of ``names`` (all Grams without ``names``).

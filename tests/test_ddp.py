@@ -9,6 +9,7 @@ broadcasts each solved weight and mask, so all ranks end with the same model; ra
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -58,8 +59,9 @@ def inputs(tmp_path_factory) -> tuple[str, Path]:
     return model, text
 
 
-def _compare(single: Path, ddp: Path) -> tuple[dict, dict]:
-    """Masks identical, weights equal to fp32 tolerance; returns both sparsity reports."""
+def _compare(single: Path, ddp: Path, *, ridged: bool = False) -> tuple[dict, dict]:
+    """Masks identical, weights equal to fp32 tolerance; returns both sparsity reports. ``ridged``:
+    the runs set ``ridge_shrinkage``, and every layer's ridge must be the single process's."""
     a = load_masks(single / "export" / "masks.safetensors")
     b = load_masks(ddp / "export" / "masks.safetensors")
     assert a.keys() == b.keys() and len(a) == 14
@@ -83,16 +85,22 @@ def _compare(single: Path, ddp: Path) -> tuple[dict, dict]:
     # the calibration tokens of both shards are counted
     for report in reports:
         assert {v["calibration_tokens"] for v in report["layers"].values()} == {8 * 32}
+    # and so are their sequences' spreads: every layer's ridge is the single process's
+    for name, row in single_report["layers"].items() if ridged else ():
+        assert row["ridge_rule"] == ddp_report["layers"][name]["ridge_rule"] == "shrinkage"
+        assert math.isclose(row["ridge"], ddp_report["layers"][name]["ridge"], rel_tol=1e-4)
     return single_report, ddp_report
 
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, inputs):
     model, text = inputs
-    _run(model, tmp_path / "single", text, **{"trainer.devices": "1"})
+    # the shrinkage ridge: each rank's sequence spread is summed like its Gram
+    ridge = {"model.solver.ridge_shrinkage": "2"}
+    _run(model, tmp_path / "single", text, **{"trainer.devices": "1"}, **ridge)
     ddp = {"trainer.devices": "2", "trainer.strategy": "blockwise_ddp"}
-    _run(model, tmp_path / "ddp", text, **ddp)
-    _, report = _compare(tmp_path / "single", tmp_path / "ddp")
+    _run(model, tmp_path / "ddp", text, **ddp, **ridge)
+    _, report = _compare(tmp_path / "single", tmp_path / "ddp", ridged=True)
     layers = report["layers"]
     for block in (0, 1):
         costs = {

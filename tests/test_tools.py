@@ -190,3 +190,21 @@ def test_bench_solver_scores_every_variant_on_held_out_grams():
         assert r["heldout"] == pytest.approx(local_loss(pruned, w, x_val.T @ x_val) / 2, rel=1e-6)
     table = bench_solver.relative_losses(rows, list(variants))
     assert "held-out loss / sparsegpt+cg" in table and "| sparsegpt+cg | 1.0000 |" in table
+
+
+def test_bench_solver_llm_like_layer_hands_the_solver_its_spread():
+    """``--llm-like``: the synthetic layer's Gram comes with its sequences' spread, as the
+    pipeline's do, so the default solves with the shrinkage ridge; fresh tokens give the
+    held-out Gram of the same layer."""
+    import bench_solver
+
+    layers, spreads = bench_solver.llm_like_layer(8, 32, 4096)
+    held, _ = bench_solver.llm_like_layer(8, 32, 4096, token_seed=1)
+    (w, gram), (w_held, gram_held) = layers["llm_like"], held["llm_like"]
+    assert torch.equal(w, w_held) and not torch.equal(gram, gram_held)
+    assert spreads["llm_like"] is not None and spreads["llm_like"].sequences == 2
+    variants = {"prox default": ("prox", make_config("prox", {}))}
+    rows = bench_solver.run(layers, variants, {"llm_like": gram_held}, 1.0, 4096, spreads)
+    ref = prune_weight(w, gram, "prox", n_tokens=4096, spread=spreads["llm_like"])
+    assert ref.stats.extra["ridge_rule"] == "shrinkage"
+    assert rows[0]["loss"] == pytest.approx(ref.stats.loss_final, rel=1e-6)

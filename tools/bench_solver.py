@@ -11,6 +11,11 @@ recipes, ``--recipes best`` adds prox with those entries of ``RECIPES`` ("prox b
 SparseGPT+CG in the run every variant's summed local loss is also given relative to it (= 1.000).
 ``--grams FILE`` keeps the captured weights and Grams (captured once, then read).
 
+``--llm-like D_OUT D_IN TOKENS`` replaces the model's layers by one synthetic LLM-like layer
+(``tools/gpu_check.py``'s activation generator, handed to the Gram as 2048-token sequences like
+the pipeline's batches); with ``--heldout`` its held-out Gram is the same layer's inputs on as many
+fresh tokens.
+
 ``--heldout NSAMPLES SEQLEN`` also captures every layer's Gram on that many tokens of the *other*
 half of the text (the evaluation half, dense propagation) and scores every variant's weights on
 it: the held-out local loss ``tr((W-Ŵ) H_val (W-Ŵ)ᵀ)``, scaled to the calibration token count,
@@ -24,6 +29,8 @@ with ``mask_search_ridge R`` ("prox NAME ridge R").
         --recipes fast best --grams outputs/grams.pt
     python tools/bench_solver.py --blocks 2 15 27 --baselines --methods alps --no-prox \
         --recipes default --search-ridge 0.01 --heldout 64 512
+    python tools/bench_solver.py --llm-like 256 4096 32768 --baselines --methods alps \
+        --no-prox --recipes default --heldout 1 1
 """
 
 from __future__ import annotations
@@ -46,27 +53,31 @@ from prox24_lightning.models import (
     load_causal_lm,
     run_block,
 )
-from prox24_lightning.ops import local_loss
+from prox24_lightning.ops import GramAccumulator, GramSpread, local_loss
 from prox24_lightning.solvers import RECIPES, MethodConfig, make_config, prune_weight
+
+Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def capture_layers(
     model: str, blocks: list[int], nsamples: int, seqlen: int, batch: int, part: str = "even"
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[Layers, dict[str, GramSpread | None]]:
     """``{layer: (weight, gram)}`` for the requested blocks, dense propagation, fp32, from
-    ``nsamples x seqlen`` packed tokens of the ``part`` half of the offline Wikipedia text."""
+    ``nsamples x seqlen`` packed tokens of the ``part`` half of the offline Wikipedia text, and
+    each layer's calibration spread (what the pipeline hands the solver for its ridge)."""
     lm, tok = load_causal_lm(model, dtype="float32", cache_dir=True)
     ids = calibration_samples(
         TextSource(name="wiki_offline", part=part), tok, nsamples=nsamples, seqlen=seqlen,
         mode="packed",
     )  # fmt: skip
     found = find_blocks(lm)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: Layers = {}
+    spreads: dict[str, GramSpread | None] = {}
     with torch.no_grad():
         states = [capture_block_inputs(lm, ids[i : i + batch]) for i in range(0, nsamples, batch)]
         for k, (name, block) in enumerate(found[: max(blocks) + 1]):
             layers = find_linear_layers(block, prefix=name)
-            collector = GramCollector(layers) if k in blocks else None
+            collector = GramCollector(layers, spread=True) if k in blocks else None
             nxt = []
             for h, kw in states:
                 if collector is not None:
@@ -80,9 +91,10 @@ def capture_layers(
                         get_weight_matrix(module).clone(),
                         collector.gram_of(lname).clone(),
                     )
+                    spreads[lname] = collector.spread_of(lname)
                 collector.remove()
             states = nxt
-    return out
+    return out, spreads
 
 
 def run(
@@ -91,15 +103,18 @@ def run(
     heldout: dict[str, torch.Tensor] | None = None,
     heldout_scale: float = 1.0,
     n_tokens: int | None = None,
+    spreads: dict[str, GramSpread | None] | None = None,
 ) -> list[dict]:
     """One row per (layer, variant); with ``heldout`` Grams also ``heldout``, the local loss on
     them times ``heldout_scale`` (calibration / held-out tokens: the calibration loss's units).
     ``n_tokens``: the calibration tokens of the Grams, passed to the solver as the pipeline
-    does (it sets the units of an absolute lambda0 and a token-scaled ridge)."""
+    does (it sets the units of an absolute lambda0 and a token-scaled ridge); ``spreads``: each
+    layer's calibration spread, also as the pipeline passes it (the shrinkage ridge)."""
     rows = []
     for lname, (w, h) in layers.items():
         for label, (method, cfg) in variants.items():
-            r = prune_weight(w, h, method, config=cfg, n_tokens=n_tokens)
+            spread = None if spreads is None else spreads.get(lname)
+            r = prune_weight(w, h, method, config=cfg, n_tokens=n_tokens, spread=spread)
             s = r.stats
             row = dict(layer=lname, variant=label, seconds=s.seconds, gemms=s.gemms,
                        iterations=s.iterations_to_2of4, loss=s.loss_final)  # fmt: skip
@@ -192,24 +207,44 @@ def relative_losses(rows: list[dict], variants: list[str], reference: str = "spa
     return "\n".join(lines)
 
 
+def llm_like_layer(
+    d_out: int, d_in: int, tokens: int, token_seed: int = 0
+) -> tuple[Layers, dict[str, GramSpread | None]]:
+    """One synthetic layer ``{"llm_like": (weight, gram)}`` and its spread: ``gpu_check``'s
+    generator (factors of seed 7, tokens of ``token_seed``), 2048-token sequences, fp32 Gram."""
+    from gpu_check import as_sequences, llm_like_chunks
+
+    acc = GramAccumulator(d_in, spread=True)
+    chunks = llm_like_chunks(d_in, tokens, 4096, seed=7, device="cpu", token_seed=token_seed)
+    for x in chunks:
+        acc.update(as_sequences(x, 2048))
+    weight = 0.02 * torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(2))
+    return {"llm_like": (weight, acc.gram)}, {"llm_like": acc.spread}
+
+
 def load_or_capture(
     model: str, blocks: list[int], nsamples: int, seqlen: int, part: str, cache: Path | None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The layers of ``blocks`` on ``part`` of the text: read from ``cache`` if it holds them,
-    else captured (and saved there when given)."""
+) -> tuple[Layers, dict[str, GramSpread | None]]:
+    """The layers of ``blocks`` on ``part`` of the text and their spreads: read from ``cache`` if
+    it holds them, else captured (and saved there when given)."""
     key = dict(model=model, blocks=blocks, nsamples=nsamples, seqlen=seqlen)
     if part != "even":
         key["part"] = part  # caches of the calibration half keep their key
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=True)
-        if saved["key"] == key:
-            return saved["layers"]
-        print(f"{cache} holds other layers ({saved['key']}); capturing", flush=True)
-    layers = capture_layers(model, blocks, nsamples, seqlen, batch=8, part=part)
+        if saved["key"] == key and "spreads" in saved:
+            spreads = {
+                name: None if sums is None else GramSpread(int(sums[0]), float(sums[1]))
+                for name, sums in saved["spreads"].items()
+            }
+            return saved["layers"], spreads
+        print(f"{cache} holds other layers ({saved['key']}) or no spreads; capturing", flush=True)
+    layers, spreads = capture_layers(model, blocks, nsamples, seqlen, batch=8, part=part)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "layers": layers}, cache)
-    return layers
+        sums = {n: None if s is None else [s.sequences, s.sum_sq] for n, s in spreads.items()}
+        torch.save({"key": key, "layers": layers, "spreads": sums}, cache)
+    return layers, spreads
 
 
 def main() -> None:
@@ -249,18 +284,34 @@ def main() -> None:
         default=None,
         help="also score every variant on the Grams of this many tokens of the other half",
     )
+    ap.add_argument(
+        "--llm-like",
+        type=int,
+        nargs=3,
+        metavar=("D_OUT", "D_IN", "TOKENS"),
+        default=None,
+        help="one synthetic LLM-like layer instead of the model's (--heldout: fresh tokens)",
+    )
     ap.add_argument("--grams", type=Path, default=None, help="cache file of the captured layers")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     start = time.perf_counter()
-    layers = load_or_capture(
-        args.model, args.blocks, args.nsamples, args.seqlen, "even", args.grams
-    )  # fmt: skip
     heldout, heldout_scale = None, 1.0
-    if args.heldout is not None:
+    tokens = args.nsamples * args.seqlen
+    if args.llm_like is not None:
+        d_out, d_in, tokens = args.llm_like
+        layers, spreads = llm_like_layer(d_out, d_in, tokens, token_seed=100)
+        if args.heldout is not None:
+            held_layers, _ = llm_like_layer(d_out, d_in, tokens, token_seed=200)
+            heldout = {name: gram for name, (_, gram) in held_layers.items()}
+    else:
+        layers, spreads = load_or_capture(
+            args.model, args.blocks, args.nsamples, args.seqlen, "even", args.grams
+        )  # fmt: skip
+    if args.heldout is not None and args.llm_like is None:
         ns, sl = args.heldout
         cache = None if args.grams is None else args.grams.with_suffix(".heldout.pt")
-        found = load_or_capture(args.model, args.blocks, ns, sl, "odd", cache)
+        found, _ = load_or_capture(args.model, args.blocks, ns, sl, "odd", cache)
         heldout = {name: gram for name, (_, gram) in found.items()}
         heldout_scale = args.nsamples * args.seqlen / (ns * sl)
     variants: dict[str, tuple[str, MethodConfig]] = {}
@@ -280,10 +331,14 @@ def main() -> None:
     for method in args.methods:
         alone = make_config(method)
         variants |= {method: (method, alone), f"{method}+cg": (method, make_config(method, cg))}
-    rows = run(layers, variants, heldout, heldout_scale, args.nsamples * args.seqlen)
+    rows = run(layers, variants, heldout, heldout_scale, tokens, spreads)
     table = summarise(rows)
     held = "" if heldout is None else f"; held out {args.heldout[0]}x{args.heldout[1]} tokens"
-    print(f"\nblocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens{held}, "
+    what = f"blocks {args.blocks} of {args.model}, {args.nsamples}x{args.seqlen} tokens"
+    if args.llm_like is not None:
+        what = f"LLM-like {args.llm_like[0]}x{args.llm_like[1]} layer, {tokens} tokens"
+        held = "" if heldout is None else "; held out on as many fresh tokens"
+    print(f"\n{what}{held}, "
           f"{torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s in all\n")  # fmt: skip
     print(table)
     if args.json:

@@ -80,6 +80,8 @@ class Scale:
     #: Llama-2-70B's down_proj (``d_out x d_in``) and its calibration tokens (``methods``).
     wide: tuple[int, int] = (8192, 28672)
     wide_tokens: int = 2**16
+    #: calibration sequence length: tokens are handed to the Gram as ``[-1, seqlen, d]``.
+    seqlen: int = 2048
 
 
 GPU_SCALE = Scale(
@@ -88,7 +90,7 @@ GPU_SCALE = Scale(
 )  # fmt: skip
 DRY_SCALE = Scale(
     d=128, mlp=344, tokens=2048, chunk=1024, paper_prox_cap=8, paper_gd_cap=8, reps=2,
-    sparse_tokens=256, fast_prox_cap=30, wide=(256, 896), wide_tokens=2048,
+    sparse_tokens=256, fast_prox_cap=30, wide=(256, 896), wide_tokens=2048, seqlen=256,
 )  # fmt: skip
 
 
@@ -112,7 +114,9 @@ def _fmt_s(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------- synthetic block
-def llm_like_chunks(d: int, tokens: int, chunk: int, seed: int, device: Any) -> Iterator[Any]:
+def llm_like_chunks(
+    d: int, tokens: int, chunk: int, seed: int, device: Any, token_seed: int | None = None
+) -> Iterator[Any]:
     """Activations ``[chunk, d]`` (fp32) with an LLM-like spectrum, ``tokens`` rows in all.
 
     ``x = (F diag(sqrt(v)) A + 0.1 E) diag(s)``: ``k = d/4`` shared factors with power-law
@@ -120,6 +124,8 @@ def llm_like_chunks(d: int, tokens: int, chunk: int, seed: int, device: Any) -> 
     mixing ``A``, isotropic noise, log-normal scales ``s`` (sigma 0.5) and four features 30x
     larger (the "massive activations"). The factors are rounded to bf16 (as a bf16 model's activations),
     the generation GEMM runs in bf16: only the Gram that follows is measured in fp32.
+    ``token_seed``: draw the tokens from their own generator (the same layer's inputs on other
+    text: a held-out Gram); by default they follow the factors' generator.
     """
     import torch
 
@@ -131,6 +137,8 @@ def llm_like_chunks(d: int, tokens: int, chunk: int, seed: int, device: Any) -> 
     mixing = (mixing * var.sqrt()[:, None] * math.sqrt(k)).to(torch.bfloat16)
     scales = torch.exp(0.5 * torch.randn(d, generator=g, device=device))
     scales[torch.randperm(d, generator=g, device=device)[:4]] *= 30.0
+    if token_seed is not None:
+        g = torch.Generator(device=device).manual_seed(token_seed)
     done = 0
     while done < tokens:
         n = min(chunk, tokens - done)
@@ -138,6 +146,14 @@ def llm_like_chunks(d: int, tokens: int, chunk: int, seed: int, device: Any) -> 
         x = (f @ mixing).float() + 0.1 * torch.randn(n, d, generator=g, device=device)
         yield x * scales
         done += n
+
+
+def as_sequences(x: Any, seqlen: int) -> Any:
+    """A chunk of generated tokens as calibration sequences (``[-1, seqlen, d]`` where it divides,
+    as the pipeline's batches), so the Gram also gets the sequences' spread (the default's ridge)."""
+    if x.shape[0] % seqlen:
+        return x
+    return x.reshape(-1, seqlen, x.shape[-1])
 
 
 def _sync(device: Any) -> None:
@@ -184,22 +200,24 @@ def block_problem(
     }  # fmt: skip
     inputs = {"attn": d, "o": d, "mlp": d, "down": mlp}
     grams, t_acc, t_gen = {}, 0.0, time.perf_counter()
+    spreads = {}
     for i, (name, width) in enumerate(inputs.items()):
-        acc = GramAccumulator(width, device)
+        acc = GramAccumulator(width, device, spread=True)
         for x in llm_like_chunks(width, scale.tokens, scale.chunk, seed=i, device=device):
             _sync(device)
             t0 = time.perf_counter()
-            acc.update(x)
+            acc.update(as_sequences(x, scale.seqlen))
             _sync(device)
             t_acc += time.perf_counter() - t0
-        grams[name] = acc.gram
+        grams[name], spreads[name] = acc.gram, acc.spread
     t_gen = time.perf_counter() - t_gen - t_acc
-    report("Gram accumulation (4 inputs)", f"{_fmt_s(t_acc)} (+{_fmt_s(t_gen)} generating)")
+    report("Gram accumulation (4 inputs, with the sequence spread)",
+           f"{_fmt_s(t_acc)} (+{_fmt_s(t_gen)} generating)")  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(1)
     weights = {
         n: 0.02 * torch.randn(o, i, generator=gen, device=device) for n, (o, i, _) in layers.items()
     }
-    return layers, grams, weights
+    return layers, grams, weights, spreads
 
 
 def _reset_peak(device: Any) -> None:
@@ -224,14 +242,14 @@ def part_methods(report: Reporter, scale: Scale, device: str, deadline: float) -
         ("alps", "alps", {}),
     )
     report("7B block", f"d {scale.d}, MLP {scale.mlp}, {scale.tokens:,} tokens, {device}")
-    layers, grams, weights = block_problem(report, scale, device)
+    layers, grams, weights, spreads = block_problem(report, scale, device)
     losses: dict[str, float] = {}
     for label, method, config in methods:
         _reset_peak(device)
         t0, total, iterations = time.perf_counter(), 0.0, []
         for n, (_, _, inp) in layers.items():
             res = prune_weight(weights[n], grams[inp], method, config=config,
-                               n_tokens=scale.tokens)  # fmt: skip
+                               n_tokens=scale.tokens, spread=spreads[inp])  # fmt: skip
             total += res.stats.loss_final
             iterations.append(res.stats.iterations_to_2of4)
         _sync(device)
@@ -245,10 +263,10 @@ def part_methods(report: Reporter, scale: Scale, device: str, deadline: float) -
     del grams, weights
 
     d_out, d_in = scale.wide
-    acc = GramAccumulator(d_in, device)
+    acc = GramAccumulator(d_in, device, spread=True)
     for x in llm_like_chunks(d_in, scale.wide_tokens, scale.chunk, seed=7, device=device):
-        acc.update(x)
-    gram = acc.gram
+        acc.update(as_sequences(x, scale.seqlen))
+    gram, spread = acc.gram, acc.spread
     del acc
     weight = 0.02 * torch.randn(d_out, d_in, generator=torch.Generator(device=device).manual_seed(2),
                                 device=device)  # fmt: skip
@@ -259,7 +277,8 @@ def part_methods(report: Reporter, scale: Scale, device: str, deadline: float) -
             continue
         _reset_peak(device)
         t0 = time.perf_counter()
-        res = prune_weight(weight, gram, method, config=config, n_tokens=scale.wide_tokens)
+        res = prune_weight(weight, gram, method, config=config, n_tokens=scale.wide_tokens,
+                           spread=spread)  # fmt: skip
         _sync(device)
         report(f"{label} (70B down_proj)",
                f"{_fmt_s(time.perf_counter() - t0)}, peak {_peak(device)}, "
@@ -281,7 +300,7 @@ def part_block(
     torch.manual_seed(0)
     d, mlp = scale.d, scale.mlp
     report("shapes", f"d {d}, MLP {mlp}, {scale.tokens:,} calibration tokens, {device}")
-    layers, grams, weights = block_problem(report, scale, device)
+    layers, grams, weights, _ = block_problem(report, scale, device)
 
     def solves(config: Any) -> dict[str, LayerSolve]:
         return {

@@ -4,9 +4,11 @@ from .gram import (
     REFERENCE_TOKENS,
     DiagonalNormalization,
     GramAccumulator,
+    GramSpread,
     lipschitz,
     local_loss,
     normalize,
+    shrinkage_ridge,
     token_scale,
 )
 from .masks import apply_mask, frac_groups_2of4, is_2of4, mask_2of4, pack_mask, unpack_mask
@@ -17,6 +19,7 @@ __all__ = [
     "REFERENCE_TOKENS",
     "DiagonalNormalization",
     "GramAccumulator",
+    "GramSpread",
     "apply_mask",
     "frac_groups_2of4",
     "group_view",
@@ -28,6 +31,7 @@ __all__ = [
     "normalize",
     "pack_mask",
     "prox_2of4",
+    "shrinkage_ridge",
     "prox_objective",
     "reg_2of4",
     "token_scale",

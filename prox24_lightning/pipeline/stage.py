@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from ..calibration import GramCollector
 from ..faults import maybe_fail
 from ..models import get_weight_matrix, run_block, set_weight_matrix
+from ..ops.gram import GramSpread
 from ..optim import Prox24
-from ..solvers import LayerSolve, MethodConfig, PruneResult
+from ..solvers import LayerSolve, MethodConfig, PruneResult, needs_spread
 from .distributed import Collective, all_gather_objects, assign_layers, broadcast_
 from .inputs import BlockInputCache
 
@@ -110,9 +111,13 @@ class BlockStage:
         self._step = step
         self.collective = collective
         self.progress = progress
-        self.collector: GramCollector | None = GramCollector(layers)
+        #: the sequences' spread only where the solver uses it (the shrinkage ridge)
+        self.track_spread = needs_spread(settings.config)
+        self.collector: GramCollector | None = GramCollector(layers, spread=self.track_spread)
         #: calibration tokens that entered each layer (summed over ranks), after the solve.
         self.tokens: dict[str, int] = {}
+        #: their calibration sequences' spread (summed over ranks), for the shrinkage ridge.
+        self.spreads: dict[str, GramSpread | None] = {}
         #: layer solves this rank ran in this stage.
         self.local_solves = 0
         cache.start_block()
@@ -147,7 +152,7 @@ class BlockStage:
             for group in groups[1:]:
                 # Re-collect this group's input on the block whose earlier groups are pruned.
                 collector.remove()
-                sub = GramCollector({n: self.layers[n] for n in group})
+                sub = GramCollector({n: self.layers[n] for n in group}, spread=self.track_spread)
                 self._replay(sub, store=False)
                 results.update(self._solve(group, sub))
                 sub.remove()
@@ -184,6 +189,8 @@ class BlockStage:
                 grams[lead] = self.collective.reduce(collector.gram_of(name), "sum")
                 count = torch.tensor(collector.tokens_of(name), device=self.device)
                 self.tokens[lead] = int(self.collective.reduce(count, "sum"))
+                spread = self.collective.reduce(collector.spread_sums_of(name), "sum")
+                self.spreads[lead] = GramSpread.from_sums(spread)
             # Checked on every rank (the values agree), so all ranks stop together.
             if not bool(torch.isfinite(grams[lead]).all()):
                 raise FloatingPointError(
@@ -196,6 +203,7 @@ class BlockStage:
                     "so far are kept"
                 )
             self.tokens[name] = self.tokens[lead]
+            self.spreads[name] = self.spreads[lead]
         owners = assign_layers(
             {n: _solve_cost(self.layers[n]) for n in names}, self.collective.world_size
         )
@@ -219,6 +227,8 @@ class BlockStage:
             self.settings.config,
             # An absolute lambda0 then means the same at any calibration size (ProxConfig).
             n_tokens=self.tokens[name],
+            # The shrinkage ridge (ProxConfig.ridge_shrinkage) is estimated from it.
+            spread=self.spreads[name],
         )
         solve.attach(self.optimizer, name)
         self.local_solves += 1

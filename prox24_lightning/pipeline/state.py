@@ -165,6 +165,8 @@ def layer_report(block: int, result: PruneResult, tokens: int) -> dict[str, Any]
         "lipschitz": s.extra.get("lipschitz"),
         # recorded by the process that ran the solve (each layer is solved on one rank)
         "solved_by_rank": s.extra.get("solved_by_rank"),
+        # the ridge of the layer's objective and the rule that set it (ProxConfig.ridge_shrinkage)
+        **({k: s.extra[k] for k in ("ridge", "ridge_rule")} if "ridge" in s.extra else {}),
         # prox: the prox phase's [step, lambda, frac_2of4] rows (a few dozen)
         **({"trace": [list(row) for row in s.extra["trace"]]} if s.extra.get("trace") else {}),
     }

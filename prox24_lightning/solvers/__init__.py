@@ -3,7 +3,14 @@
 from .admm import admm_prune
 from .alps import alps_prune
 from .baselines import magnitude_prune, sparsegpt_prune, wanda_prune
-from .layer import LayerSolve, PruneResult, PruneStats, optimizer_hparams, prune_weight
+from .layer import (
+    LayerSolve,
+    PruneResult,
+    PruneStats,
+    needs_spread,
+    optimizer_hparams,
+    prune_weight,
+)
 from .methods import (
     METHODS,
     RECIPES,
@@ -26,6 +33,7 @@ __all__ = [
     "ADMMConfig",
     "ALPSConfig",
     "LayerSolve",
+    "needs_spread",
     "MagnitudeConfig",
     "MethodConfig",
     "ProxConfig",

@@ -227,6 +227,13 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
             ``N`` known (the pipeline passes it) the ridge is ``ridge · ridge_tokens / N``, since
             ``H`` grows with ``N`` while the ridge acts as a fixed prior (fewer tokens, more
             overfitting, more ridge); ``null`` uses ``ridge`` at every ``N`` (ALPS's rule).
+        ridge_shrinkage: set the ridge from the calibration data instead: this factor times the
+            Ledoit-Wolf shrinkage of ``H`` estimated from how much the calibration sequences'
+            own Grams disagree (:func:`~prox24_lightning.ops.gram.shrinkage_ridge`), per layer.
+            It falls as the sequences agree (as ``1/N`` for independent tokens), so a layer whose
+            Gram already describes unseen text gets almost none. ``ridge`` / ``ridge_tokens``
+            apply where the spread is unknown (a Gram given without it, inputs without a
+            sequence axis). ``null`` = off.
         mask_search_ridge: the search's objective gets ALPS's ridge, ``tr((W-Ŵ)(H + ρI)
             (W-Ŵ)ᵀ)`` with ``ρ = mask_search_ridge · mean(diag H)`` (0 = the local loss itself).
             It pulls weights of rarely active inputs towards their dense values, so the mask
@@ -243,6 +250,7 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
     mask_search_ridge: float = 0.0
     ridge: float = 0.0
     ridge_tokens: int | None = None
+    ridge_shrinkage: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -251,10 +259,14 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
         self.require(">= 0", "ridge")
         if self.ridge_tokens is not None and int(self.ridge_tokens) < 1:
             raise ValueError(f"solver.ridge_tokens must be >= 1 (or null), got {self.ridge_tokens}")
-        if self.ridge > 0 and self.mask_search_ridge > 0:
+        if self.ridge_shrinkage is not None and not float(self.ridge_shrinkage) >= 0:
             raise ValueError(
-                "solver.ridge and solver.mask_search_ridge cannot both be set: with ridge the "
-                "search already runs on the ridged objective"
+                f"solver.ridge_shrinkage must be >= 0 (or null), got {self.ridge_shrinkage}"
+            )
+        if (self.ridge > 0 or self.ridge_shrinkage) and self.mask_search_ridge > 0:
+            raise ValueError(
+                "solver.ridge (or ridge_shrinkage) and solver.mask_search_ridge cannot both be "
+                "set: with a ridge the search already runs on the ridged objective"
             )
         if self.lambda_scale not in ("absolute", "rms"):
             raise ValueError(
@@ -278,7 +290,9 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
 #:
 #: * ``default`` (what ``method: prox`` runs): the paper's lambda path with the exact 2:4 prox,
 #:   run inside ALPS's ADMM splitting (``prox_solver: admm``, ``optim/admm.py``) on ALPS's ridged
-#:   objective (``ridge``), then 10 CG steps on that objective. Per layer: one eigendecomposition,
+#:   objective, then 10 CG steps on that objective. The ridge is twice the Ledoit-Wolf shrinkage
+#:   of the layer's calibration Gram (``ridge_shrinkage``: more where the calibration sequences
+#:   disagree); where their spread is unknown, ``0.005 x 65536 / N``. Per layer: one eigendecomposition,
 #:   a few dozen GEMM iterations, no per-row factorisation, no host sync in an iteration.
 #: * ``paper``: Kübler et al.'s Algorithm 2 as published: plain proximal gradient, lambda0 0.01
 #:   (in the units of 2^21 calibration tokens), beta 1.01 until every group is 2:4, then 1000
@@ -295,6 +309,7 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
 RECIPES: dict[str, ProxConfig] = {
     "default": ProxConfig(
         prox_solver="admm",
+        ridge_shrinkage=2.0,
         ridge=0.005,
         ridge_tokens=65536,
         lambda0=0.03,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops.gram import lipschitz, normalize, token_scale
+from ..ops.gram import GramSpread, lipschitz, normalize, shrinkage_ridge, token_scale
 from ..ops.masks import apply_mask, is_2of4
 from ..ops.precision import matmul_precision
 from ..optim.prox24 import LayerStatus, LocalProblem, Prox24
@@ -32,6 +32,8 @@ __all__ = [
     "METHODS",
     "RECIPES",
     "LayerSolve",
+    "layer_ridge",
+    "needs_spread",
     "optimizer_hparams",
     "PruneResult",
     "PruneStats",
@@ -131,6 +133,37 @@ def optimizer_hparams(config: MethodConfig, refine_steps: int, rms: float | None
     return hparams
 
 
+def needs_spread(config: MethodConfig | dict[str, Any] | None) -> bool:
+    """Whether a solve with ``config`` uses its Gram's sequence spread (``ridge_shrinkage``), so
+    that calibration tracks it (:class:`~prox24_lightning.ops.gram.GramAccumulator`)."""
+    if config is None or isinstance(config, dict):
+        return False
+    return getattr(config, "ridge_shrinkage", None) is not None
+
+
+def layer_ridge(
+    config: MethodConfig, gram: Tensor, n_tokens: int | None, spread: GramSpread | None
+) -> tuple[float, str]:
+    """The ridge ``δ`` of a layer's ridged objective ``tr((W-Ŵ)(H + δ mean(diag H) I)(W-Ŵ)ᵀ)``
+    and the rule that set it (``ProxConfig``'s ``ridge``, ``ridge_tokens``, ``ridge_shrinkage``).
+
+    * ``shrinkage``: ``ridge_shrinkage`` times the Ledoit-Wolf ridge of the calibration sequences'
+      spread (:func:`~prox24_lightning.ops.gram.shrinkage_ridge`), when the spread is known;
+    * ``tokens``: otherwise ``ridge · ridge_tokens / N`` with the token count known;
+    * ``fixed``: otherwise ``ridge``; ``(0.0, "none")`` without a ridge.
+    """
+    shrink = getattr(config, "ridge_shrinkage", None)
+    if shrink is not None and spread is not None:
+        return float(shrink) * shrinkage_ridge(gram, spread), "shrinkage"
+    ridge = float(getattr(config, "ridge", 0.0) or 0.0)
+    if ridge <= 0:
+        return 0.0, "none"
+    ridge_tokens = getattr(config, "ridge_tokens", None)
+    if ridge_tokens is not None and n_tokens is not None:
+        return ridge * int(ridge_tokens) / int(n_tokens), "tokens"
+    return ridge, "fixed"
+
+
 class LayerSolve:
     """One layer's solve, driven one optimizer step at a time.
 
@@ -150,6 +183,9 @@ class LayerSolve:
             solved on ``gram * REFERENCE_TOKENS / n_tokens`` (the paper's 2^21 tokens), so that
             a lambda means the same at any calibration size (``ProxConfig``); losses in the
             stats stay in the units of ``gram``. ``None``: ``gram`` is used as given.
+        spread: how much the calibration sequences' own Grams disagree
+            (:meth:`~prox24_lightning.calibration.GramCollector.spread_of`): with it, a config's
+            ``ridge_shrinkage`` sets the ridge (:func:`layer_ridge`).
     """
 
     def __init__(
@@ -161,6 +197,7 @@ class LayerSolve:
         *,
         trace: bool = True,
         n_tokens: int | None = None,
+        spread: GramSpread | None = None,
     ) -> None:
         self.method_class = get_method(method)
         check_layer_inputs(weight, gram)
@@ -178,6 +215,8 @@ class LayerSolve:
         # IEEE fp32 products (SparseGPT, ALPS, ...) whatever the global matmul precision.
         with torch.autocast(device_type=device.type, enabled=False), matmul_precision():
             h = gram.detach().to(device=device, dtype=torch.float32)
+            # In the Gram's own units, which the spread's sums share.
+            ridge, rule = layer_ridge(config, h, n_tokens, spread)
             if self.token_scale != 1.0:
                 h = h * self.token_scale
             self.norm = normalize(h)
@@ -185,12 +224,9 @@ class LayerSolve:
             #: column map of the ridge coordinates (``ProxConfig.ridge``): the problem is solved
             #: for ``B = W̃ diag(s)``, ``s_j^2 = 1 + ridge_j``; ``None`` without a ridge.
             self.col_scale: Tensor | None = None
-            ridge = float(getattr(config, "ridge", 0.0) or 0.0)
-            ridge_tokens = getattr(config, "ridge_tokens", None)
-            if ridge > 0 and ridge_tokens is not None and n_tokens is not None:
-                ridge *= int(ridge_tokens) / int(n_tokens)
             if ridge > 0:
                 self.stats.extra["ridge"] = ridge
+                self.stats.extra["ridge_rule"] = rule
                 target_r, gram_r, self.col_scale = alps_coordinates(
                     target, self.norm, dampening=ridge
                 )
@@ -400,6 +436,7 @@ def prune_weight(
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_every: int = 50,
     n_tokens: int | None = None,
+    spread: GramSpread | None = None,
     **hparams: Any,
 ) -> PruneResult:
     """Prune one linear layer to 2:4 on its local squared loss ``tr((W-Ŵ)H(W-Ŵ)ᵀ)``.
@@ -417,6 +454,7 @@ def prune_weight(
         progress_every: call ``progress`` every this many iterations.
         n_tokens: calibration tokens summed in ``gram`` (see :class:`LayerSolve`): with it, an
             absolute ``lambda0`` is in the units of the paper's 2^21 tokens at any token count.
+        spread: the calibration sequences' spread (:class:`LayerSolve`), for the shrinkage ridge.
 
     Returns:
         :class:`PruneResult` with ``.weight``, ``.mask`` and ``.stats``.
@@ -424,7 +462,7 @@ def prune_weight(
     if refine_steps is not None:
         hparams["refine_steps"] = refine_steps
     cfg = make_config(method, config, **hparams)
-    solve = LayerSolve(weight, gram, method, cfg, n_tokens=n_tokens)
+    solve = LayerSolve(weight, gram, method, cfg, n_tokens=n_tokens, spread=spread)
     optimizer = Prox24()
     solve.attach(optimizer, "layer")
     it = 0
