@@ -114,6 +114,11 @@ def test_layer_ridge_rules():
         (default.ridge * default.ridge_tokens / 1024, "tokens")
     )
     assert layer_ridge(default, acc.gram, None, None) == (default.ridge, "fixed")
+    # 0 turns the estimate off (a YAML null keeps the recipe's value): the rules below it apply.
+    off = make_config("prox", {"ridge_shrinkage": 0.0})
+    assert layer_ridge(off, acc.gram, 1024, acc.spread)[1] == "tokens"
+    plain = make_config("prox", {"ridge_shrinkage": 0.0, "ridge": 0.0})
+    assert layer_ridge(plain, acc.gram, 1024, acc.spread) == (0.0, "none")
     assert layer_ridge(make_config("prox", {"recipe": "fast"}), acc.gram, 512, acc.spread) == (
         0.0,
         "none",
@@ -152,7 +157,7 @@ def test_spread_is_tracked_only_where_a_solver_uses_it():
 
     assert needs_spread(RECIPES["default"])
     assert not needs_spread(RECIPES["paper"]) and not needs_spread(make_config("alps"))
-    assert not needs_spread(make_config("prox", {"ridge_shrinkage": None}))
+    assert not needs_spread(make_config("prox", {"ridge_shrinkage": 0.0}))
     acc = GramAccumulator(16)
     acc.update(_sequences(7, 4, 8, 16))
     assert acc.spread is None and float(acc.sequence_sq) == 0.0

@@ -233,7 +233,8 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
             It falls as the sequences agree (as ``1/N`` for independent tokens), so a layer whose
             Gram already describes unseen text gets almost none. ``ridge`` / ``ridge_tokens``
             apply where the spread is unknown (a Gram given without it, inputs without a
-            sequence axis). ``null`` = off.
+            sequence axis) and when this is 0 (off; in a YAML ``solver:`` mapping ``null`` means
+            the recipe's value, so ``0`` turns it off: with ``ridge: 0`` too, no ridge at all).
         mask_search_ridge: the search's objective gets ALPS's ridge, ``tr((W-Ŵ)(H + ρI)
             (W-Ŵ)ᵀ)`` with ``ρ = mask_search_ridge · mean(diag H)`` (0 = the local loss itself).
             It pulls weights of rarely active inputs towards their dense values, so the mask

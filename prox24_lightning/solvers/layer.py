@@ -138,7 +138,7 @@ def needs_spread(config: MethodConfig | dict[str, Any] | None) -> bool:
     that calibration tracks it (:class:`~prox24_lightning.ops.gram.GramAccumulator`)."""
     if config is None or isinstance(config, dict):
         return False
-    return getattr(config, "ridge_shrinkage", None) is not None
+    return bool(getattr(config, "ridge_shrinkage", None))
 
 
 def layer_ridge(
@@ -147,13 +147,13 @@ def layer_ridge(
     """The ridge ``δ`` of a layer's ridged objective ``tr((W-Ŵ)(H + δ mean(diag H) I)(W-Ŵ)ᵀ)``
     and the rule that set it (``ProxConfig``'s ``ridge``, ``ridge_tokens``, ``ridge_shrinkage``).
 
-    * ``shrinkage``: ``ridge_shrinkage`` times the Ledoit-Wolf ridge of the calibration sequences'
-      spread (:func:`~prox24_lightning.ops.gram.shrinkage_ridge`), when the spread is known;
+    * ``shrinkage``: ``ridge_shrinkage`` (> 0) times the Ledoit-Wolf ridge of the calibration
+      sequences' spread (:func:`~prox24_lightning.ops.gram.shrinkage_ridge`), when it is known;
     * ``tokens``: otherwise ``ridge · ridge_tokens / N`` with the token count known;
     * ``fixed``: otherwise ``ridge``; ``(0.0, "none")`` without a ridge.
     """
     shrink = getattr(config, "ridge_shrinkage", None)
-    if shrink is not None and spread is not None:
+    if shrink and spread is not None:
         return float(shrink) * shrinkage_ridge(gram, spread), "shrinkage"
     ridge = float(getattr(config, "ridge", 0.0) or 0.0)
     if ridge <= 0:
