@@ -189,8 +189,10 @@ class BlockStage:
                 grams[lead] = self.collective.reduce(collector.gram_of(name), "sum")
                 count = torch.tensor(collector.tokens_of(name), device=self.device)
                 self.tokens[lead] = int(self.collective.reduce(count, "sum"))
-                spread = self.collective.reduce(collector.spread_sums_of(name), "sum")
-                self.spreads[lead] = GramSpread.from_sums(spread)
+                self.spreads[lead] = None
+                if self.track_spread:
+                    spread = self.collective.reduce(collector.spread_sums_of(name), "sum")
+                    self.spreads[lead] = GramSpread.from_sums(spread)
             # Checked on every rank (the values agree), so all ranks stop together.
             if not bool(torch.isfinite(grams[lead]).all()):
                 raise FloatingPointError(

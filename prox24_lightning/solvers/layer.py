@@ -133,11 +133,9 @@ def optimizer_hparams(config: MethodConfig, refine_steps: int, rms: float | None
     return hparams
 
 
-def needs_spread(config: MethodConfig | dict[str, Any] | None) -> bool:
+def needs_spread(config: MethodConfig) -> bool:
     """Whether a solve with ``config`` uses its Gram's sequence spread (``ridge_shrinkage``), so
     that calibration tracks it (:class:`~prox24_lightning.ops.gram.GramAccumulator`)."""
-    if config is None or isinstance(config, dict):
-        return False
     return bool(getattr(config, "ridge_shrinkage", None))
 
 
