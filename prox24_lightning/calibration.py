@@ -40,7 +40,7 @@ class GramCollector:
     ) -> None:
         self.layers = layers
         self.only = only
-        self.spread = spread
+        self.track_spread = spread
         #: layer name -> name of the first layer that consumed the same input (its "leader").
         self.leader: dict[str, str] = {}
         #: leaders in the order their input first appeared in a forward pass.
@@ -68,7 +68,7 @@ class GramCollector:
             if acc is None:
                 # The Gram lives where the layer's weight, and so its input, is.
                 acc = self.grams[name] = GramAccumulator(
-                    in_features(module), module.weight.device, spread=self.spread
+                    in_features(module), module.weight.device, spread=self.track_spread
                 )
             acc.update(x.detach())
 

@@ -260,10 +260,8 @@ class ProxConfig(MethodConfig, ProxPhaseSettings):
         self.require(">= 0", "ridge")
         if self.ridge_tokens is not None and int(self.ridge_tokens) < 1:
             raise ValueError(f"solver.ridge_tokens must be >= 1 (or null), got {self.ridge_tokens}")
-        if self.ridge_shrinkage is not None and not float(self.ridge_shrinkage) >= 0:
-            raise ValueError(
-                f"solver.ridge_shrinkage must be >= 0 (or null), got {self.ridge_shrinkage}"
-            )
+        if self.ridge_shrinkage is not None:
+            self.require(">= 0", "ridge_shrinkage")
         if (self.ridge > 0 or self.ridge_shrinkage) and self.mask_search_ridge > 0:
             raise ValueError(
                 "solver.ridge (or ridge_shrinkage) and solver.mask_search_ridge cannot both be "
